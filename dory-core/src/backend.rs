@@ -1,0 +1,319 @@
+//! The backend traits: what the orchestrator and the processor runtime need from the world.
+//!
+//! Each trait is small, object-safe (`async-trait`) and `Send + Sync + 'static`, so backends
+//! are chosen at run time and passed around as `Arc<dyn Trait>`. Each one's **Contract**
+//! section says what every implementation must guarantee; the shared behaviour suites behind
+//! the `testing` feature check those guarantees against every backend.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::changes::Changes;
+use crate::error::Result;
+use crate::model::{
+    DesiredState, Epoch, Instance, LaunchRequest, NodeId, Ownership, Phase, ProcessorId,
+    ProcessorStatus, Sequence, SnapshotMeta, StoredSnapshot, Term, Timestamp,
+};
+
+/// An operator's intent, recorded in the desired state so the planner sees it as input and a
+/// restarted orchestrator keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "intent")]
+pub enum Intent {
+    /// `dory move PROCESSOR --to NODE`: run the processor on this node (`None` unpins).
+    Pin {
+        /// The processor.
+        processor: ProcessorId,
+        /// The node, or `None` to remove the pin.
+        node: Option<NodeId>,
+    },
+    /// `dory drain NODE` on a backend without cordons of its own.
+    Cordon {
+        /// The node.
+        node: NodeId,
+    },
+    /// `dory uncordon NODE`.
+    Uncordon {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// The desired processors: a config DB, a config file, or the caller's own control plane.
+///
+/// # Contract
+/// - [`desired`](ConfigSource::desired) returns the **full** desired state every time
+///   (level-triggered); the orchestrator never relies on seeing every intermediate version.
+/// - An entry that does not parse or validate is reported in
+///   [`DesiredState::invalid`] with an error naming the field; it never fails the whole list.
+/// - A change made after [`changes`](ConfigSource::changes) was subscribed eventually nudges
+///   the subscription (a lost feed is re-established and followed by a nudge, so nothing is
+///   missed).
+/// - [`record_intent`](ConfigSource::record_intent) is durable once it returns and shows up in
+///   the next [`desired`](ConfigSource::desired).
+#[async_trait]
+pub trait ConfigSource: Send + Sync + 'static {
+    /// The full desired state.
+    async fn desired(&self) -> Result<DesiredState>;
+
+    /// A subscription to change nudges.
+    fn changes(&self) -> Changes;
+
+    /// Records an operator intent.
+    async fn record_intent(&self, intent: &Intent) -> Result<()>;
+}
+
+/// Where observed status is written for users to read.
+///
+/// # Contract
+/// - [`upsert`](StatusSink::upsert) replaces the status of each processor it is given, by
+///   processor id; [`remove`](StatusSink::remove) deletes the given ones (unknown ids are
+///   ignored).
+/// - [`read`](StatusSink::read) returns every stored status, sorted by processor id.
+#[async_trait]
+pub trait StatusSink: Send + Sync + 'static {
+    /// Writes these statuses.
+    async fn upsert(&self, statuses: &[ProcessorStatus]) -> Result<()>;
+
+    /// Deletes the statuses of these processors.
+    async fn remove(&self, processors: &[String]) -> Result<()>;
+
+    /// Every stored status, sorted by processor id.
+    async fn read(&self) -> Result<Vec<ProcessorStatus>>;
+}
+
+/// Where instances run: Kubernetes pods, local processes, a simulated cluster.
+///
+/// # Contract
+/// - [`launch`](Placement::launch) of a `(processor, epoch)` that already exists fails with
+///   [`Conflict`](crate::Error::Conflict) and starts nothing (names carry the epoch).
+/// - [`instances`](Placement::instances) lists every instance the backend knows, including
+///   ended ones (`Exited`, `Failed`) until they are [`forget`](Placement::forget)-ten, sorted by
+///   `(processor, epoch)`.
+/// - [`terminate`](Placement::terminate) is idempotent; the instance gets `grace` to save and
+///   exit before it is killed. An instance whose node is lost is reported `Failed`.
+/// - [`nodes`](Placement::nodes) is sorted by node id; interruptions carry a reason and, where
+///   the signal has one, a deadline.
+#[async_trait]
+pub trait Placement: Send + Sync + 'static {
+    /// The nodes, sorted by id.
+    async fn nodes(&self) -> Result<Vec<Node>>;
+
+    /// The instances, sorted by `(processor, epoch)`.
+    async fn instances(&self) -> Result<Vec<Instance>>;
+
+    /// Starts an instance.
+    async fn launch(&self, request: &LaunchRequest) -> Result<Instance>;
+
+    /// Asks an instance to stop, killing it after `grace`.
+    async fn terminate(&self, processor: &ProcessorId, epoch: Epoch, grace: Duration)
+    -> Result<()>;
+
+    /// Drops the record of an ended instance (idempotent).
+    async fn forget(&self, processor: &ProcessorId, epoch: Epoch) -> Result<()>;
+
+    /// A subscription to change nudges (instances or nodes changed).
+    fn changes(&self) -> Changes;
+}
+
+pub use crate::model::Node;
+
+/// What an instance says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// The instance's phase as it sees it.
+    pub phase: Phase,
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// Its current sequence.
+    pub sequence: Sequence,
+}
+
+/// The orchestrator's control channel to an instance's state endpoints.
+///
+/// # Contract
+/// - [`freeze`](InstanceControl::freeze) returns once the instance has stopped at a safe
+///   point with every outstanding publish confirmed, holding an exact snapshot; it is
+///   idempotent; an instance that cannot reach a safe point within `timeout` answers with an
+///   error and keeps running.
+/// - [`fetch`](InstanceControl::fetch) returns the frozen snapshot's encoded bytes.
+/// - [`load`](InstanceControl::load) only loads (idempotent, no running); a malformed,
+///   checksum-failing or wrongly fenced snapshot is refused with
+///   [`Invalid`](crate::Error::Invalid) and leaves the instance's state untouched.
+/// - [`resume`](InstanceControl::resume) starts (or restarts) the run loop; idempotent.
+#[async_trait]
+pub trait InstanceControl: Send + Sync + 'static {
+    /// The instance's health.
+    async fn health(&self, instance: &Instance) -> Result<Health>;
+
+    /// Freezes the instance at its next safe point.
+    async fn freeze(&self, instance: &Instance, timeout: Duration) -> Result<SnapshotMeta>;
+
+    /// The frozen instance's snapshot, encoded.
+    async fn fetch(&self, instance: &Instance) -> Result<Vec<u8>>;
+
+    /// Loads an encoded snapshot into a standby instance.
+    async fn load(&self, instance: &Instance, snapshot: &[u8]) -> Result<()>;
+
+    /// Starts the run loop of a standby or frozen instance.
+    async fn resume(&self, instance: &Instance) -> Result<()>;
+}
+
+/// Ownership and snapshots: the ground truth of who may write a processor's state.
+///
+/// # Contract
+/// Per processor the store keeps one ownership row (owner epoch, highest claimed epoch, owner
+/// lease expiry, latest committed checkpoint) and the snapshots.
+/// - [`claim_epoch`](StateStore::claim_epoch) allocates `highest + 1` by compare-and-swap:
+///   concurrent claims never return the same epoch.
+/// - [`put_checkpoint`](StateStore::put_checkpoint) stores the snapshot only if its epoch is
+///   the owner and its sequence is above the last stored one, in one atomic step; otherwise
+///   [`Fenced`](crate::Error::Fenced), and nothing is overwritten. It renews the lease.
+/// - [`assign_owner`](StateStore::assign_owner) moves ownership from `expected` to a claimed
+///   epoch above it (compare-and-swap on the current owner); waiting out the old owner's
+///   lease is the caller's duty.
+/// - [`commit_move`](StateStore::commit_move) moves ownership from `from` to the snapshot's
+///   epoch **and** stores the snapshot as that epoch's first checkpoint in one atomic step:
+///   this is the commit point of a move.
+/// - Every orchestrator write (`claim_epoch`, `assign_owner`, `commit_move`, `release`) is
+///   refused with [`Fenced`](crate::Error::Fenced) unless `term` is the current leadership
+///   term.
+/// - Snapshots are verified on read; a damaged one is an error naming processor and epoch, and
+///   the previous good one stays readable through [`history`](StateStore::history).
+/// - A committed checkpoint never goes backwards: `(epoch, sequence)` only grows.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Allocates the next epoch of `processor` (creating its row if needed).
+    async fn claim_epoch(&self, processor: &ProcessorId, term: Term) -> Result<Epoch>;
+
+    /// Moves ownership from `expected` (the current owner, or `None`) to the claimed `epoch`,
+    /// with a lease of `lease`.
+    async fn assign_owner(
+        &self,
+        processor: &ProcessorId,
+        expected: Option<Epoch>,
+        epoch: Epoch,
+        lease: Duration,
+        term: Term,
+    ) -> Result<()>;
+
+    /// Moves ownership from `from` to `snapshot.meta.epoch` and stores the snapshot, atomically.
+    async fn commit_move(
+        &self,
+        from: Epoch,
+        snapshot: &StoredSnapshot,
+        lease: Duration,
+        term: Term,
+    ) -> Result<()>;
+
+    /// Gives up ownership (the processor was removed); its snapshots are kept.
+    async fn release(&self, processor: &ProcessorId, epoch: Epoch, term: Term) -> Result<()>;
+
+    /// Stores a checkpoint from the owning instance and renews its lease.
+    async fn put_checkpoint(&self, snapshot: &StoredSnapshot, lease: Duration) -> Result<Timestamp>;
+
+    /// Renews the owning instance's lease without a checkpoint; returns the new expiry.
+    async fn renew_lease(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        lease: Duration,
+    ) -> Result<Timestamp>;
+
+    /// The ownership row of one processor.
+    async fn ownership(&self, processor: &ProcessorId) -> Result<Option<Ownership>>;
+
+    /// Every ownership row, sorted by processor id.
+    async fn ownerships(&self) -> Result<Vec<Ownership>>;
+
+    /// The latest committed snapshot, verified.
+    async fn latest(&self, processor: &ProcessorId) -> Result<Option<StoredSnapshot>>;
+
+    /// One stored snapshot, verified.
+    async fn get(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        sequence: Sequence,
+    ) -> Result<Option<StoredSnapshot>>;
+
+    /// Metadata of every stored snapshot, newest first.
+    async fn history(&self, processor: &ProcessorId) -> Result<Vec<SnapshotMeta>>;
+
+    /// Deletes all but the newest `keep` snapshots (at least one is always kept); returns how
+    /// many were deleted.
+    async fn prune(&self, processor: &ProcessorId, keep: usize) -> Result<usize>;
+}
+
+/// Leadership among orchestrator replicas, with a fencing term.
+///
+/// # Contract
+/// - [`acquire`](Leadership::acquire) waits until this participant leads and returns a term
+///   higher than every earlier leader's; the store refuses writes carrying an older term.
+/// - [`check`](Leadership::check) fails with [`Fenced`](crate::Error::Fenced) once the term is
+///   no longer current (the lock was lost or another leader took over).
+/// - [`resign`](Leadership::resign) gives leadership up so another replica can take over at
+///   once.
+#[async_trait]
+pub trait Leadership: Send + Sync + 'static {
+    /// Waits for leadership; returns the new term.
+    async fn acquire(&self) -> Result<Term>;
+
+    /// Confirms `term` is still current.
+    async fn check(&self, term: Term) -> Result<()>;
+
+    /// Gives leadership up.
+    async fn resign(&self, term: Term) -> Result<()>;
+}
+
+/// One output message of a processor.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputMessage {
+    /// The processor that wrote it.
+    pub processor: ProcessorId,
+    /// The writing instance's epoch.
+    pub epoch: Epoch,
+    /// The processor's sequence for this message.
+    pub sequence: Sequence,
+    /// Where to route it (broker routing key); `None` uses the publisher's default.
+    pub routing_key: Option<String>,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl OutputMessage {
+    /// The message id consumers deduplicate by: `<processor>:<epoch>:<sequence>`.
+    pub fn message_id(&self) -> String {
+        format!("{}:{}:{}", self.processor, self.epoch.0, self.sequence.0)
+    }
+}
+
+impl fmt::Debug for OutputMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutputMessage")
+            .field("id", &self.message_id())
+            .field("routing_key", &self.routing_key)
+            .field("payload", &self.payload.len())
+            .finish()
+    }
+}
+
+/// Where processors publish their output.
+///
+/// # Contract
+/// - [`publish`](Publisher::publish) resolves only once the message is durable (the broker
+///   confirmed it); an error means it may or may not have been delivered, and a retry may
+///   produce a duplicate carrying the same message id.
+/// - [`flush`](Publisher::flush) resolves once every message published before it is durable.
+/// - Messages of one processor are delivered in publish order.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes one message and waits for its confirmation.
+    async fn publish(&self, message: OutputMessage) -> Result<()>;
+
+    /// Waits for every outstanding confirmation.
+    async fn flush(&self) -> Result<()>;
+}

@@ -1,0 +1,210 @@
+//! The instance environment contract: the variables an instance is started with.
+//!
+//! Placement backends write these (pod env, child process env); the processor runtime reads
+//! them. Defined once, here, so the two sides cannot drift apart.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::model::{Epoch, LaunchMode, ProcessorId};
+
+/// `DORY_PROCESSOR_ID`: the processor's id.
+pub const PROCESSOR_ID: &str = "DORY_PROCESSOR_ID";
+/// `DORY_EPOCH`: the instance's epoch (a decimal integer).
+pub const EPOCH: &str = "DORY_EPOCH";
+/// `DORY_MODE`: `restore` or `standby`.
+pub const MODE: &str = "DORY_MODE";
+/// `DORY_TOKEN`: the bearer token for the state routes.
+pub const TOKEN: &str = "DORY_TOKEN";
+/// `DORY_PORT`: the endpoint port (`0` picks a free one and reports it).
+pub const PORT: &str = "DORY_PORT";
+/// `DORY_STORE_URL`: where the state store is (`postgres://…`, `sqlite://…`).
+pub const STORE_URL: &str = "DORY_STORE_URL";
+/// `DORY_PUBLISHER_URL`: where output goes (`amqp://…`, `file://…`).
+pub const PUBLISHER_URL: &str = "DORY_PUBLISHER_URL";
+/// `DORY_LEASE_MS`: the ownership lease period in milliseconds.
+pub const LEASE_MS: &str = "DORY_LEASE_MS";
+/// `DORY_CHECKPOINT_INTERVAL_MS`: the checkpoint interval in milliseconds.
+pub const CHECKPOINT_INTERVAL_MS: &str = "DORY_CHECKPOINT_INTERVAL_MS";
+/// `DORY_CONFIG`: the processor's free-form configuration, as JSON.
+pub const CONFIG: &str = "DORY_CONFIG";
+
+/// The default endpoint port.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// Everything an instance is started with.
+#[derive(Clone, PartialEq)]
+pub struct InstanceEnv {
+    /// The processor.
+    pub processor: ProcessorId,
+    /// The instance's epoch.
+    pub epoch: Epoch,
+    /// How the instance gets its state.
+    pub mode: LaunchMode,
+    /// The bearer token for the state routes.
+    pub token: String,
+    /// The endpoint port.
+    pub port: u16,
+    /// The state store's URL.
+    pub store_url: String,
+    /// The publisher's URL, if output goes anywhere.
+    pub publisher_url: Option<String>,
+    /// The ownership lease period.
+    pub lease: Duration,
+    /// The checkpoint interval.
+    pub checkpoint_interval: Duration,
+    /// The processor's configuration.
+    pub config: serde_json::Value,
+}
+
+impl fmt::Debug for InstanceEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstanceEnv")
+            .field("processor", &self.processor)
+            .field("epoch", &self.epoch)
+            .field("mode", &self.mode)
+            .field("token", &"<redacted>")
+            .field("port", &self.port)
+            .field("store_url", &self.store_url)
+            .field("publisher_url", &self.publisher_url)
+            .field("lease", &self.lease)
+            .field("checkpoint_interval", &self.checkpoint_interval)
+            .finish()
+    }
+}
+
+impl InstanceEnv {
+    /// The variables, sorted by name.
+    pub fn to_vars(&self) -> BTreeMap<String, String> {
+        let mut vars = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            vars.insert(k.to_string(), v);
+        };
+        set(PROCESSOR_ID, self.processor.to_string());
+        set(EPOCH, self.epoch.0.to_string());
+        set(MODE, self.mode.to_string());
+        set(TOKEN, self.token.clone());
+        set(PORT, self.port.to_string());
+        set(STORE_URL, self.store_url.clone());
+        if let Some(url) = &self.publisher_url {
+            set(PUBLISHER_URL, url.clone());
+        }
+        set(LEASE_MS, self.lease.as_millis().to_string());
+        set(
+            CHECKPOINT_INTERVAL_MS,
+            self.checkpoint_interval.as_millis().to_string(),
+        );
+        set(CONFIG, self.config.to_string());
+        vars
+    }
+
+    /// Reads the variables through `get` (e.g. `|k| std::env::var(k).ok()`); errors name the
+    /// variable and what is wrong with it.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let required = |k: &str| {
+            get(k).ok_or_else(|| Error::invalid(format!("environment variable {k} is not set")))
+        };
+        let number = |k: &str| -> Result<u64> {
+            let v = required(k)?;
+            v.trim().parse::<u64>().map_err(|_| {
+                Error::invalid(format!(
+                    "environment variable {k}={v:?} is not a non-negative integer"
+                ))
+            })
+        };
+        let processor = ProcessorId::new(required(PROCESSOR_ID)?)
+            .map_err(|e| e.context(format!("environment variable {PROCESSOR_ID}")))?;
+        let mode = match required(MODE)?.as_str() {
+            "restore" => LaunchMode::Restore,
+            "standby" => LaunchMode::Standby,
+            other => {
+                return Err(Error::invalid(format!(
+                    "environment variable {MODE}={other:?} must be `restore` or `standby`"
+                )));
+            }
+        };
+        let port = match get(PORT) {
+            None => DEFAULT_PORT,
+            Some(_) => u16::try_from(number(PORT)?).map_err(|_| {
+                Error::invalid(format!("environment variable {PORT} is not a port number"))
+            })?,
+        };
+        let lease = Duration::from_millis(number(LEASE_MS)?);
+        let checkpoint_interval = Duration::from_millis(number(CHECKPOINT_INTERVAL_MS)?);
+        if lease.is_zero() || checkpoint_interval.is_zero() {
+            return Err(Error::invalid(format!(
+                "environment variables {LEASE_MS} and {CHECKPOINT_INTERVAL_MS} must be greater than zero"
+            )));
+        }
+        let config = match get(CONFIG) {
+            None => serde_json::Value::Null,
+            Some(raw) => serde_json::from_str(&raw).map_err(|e| {
+                Error::invalid(format!("environment variable {CONFIG} is not JSON: {e}"))
+            })?,
+        };
+        Ok(InstanceEnv {
+            processor,
+            epoch: Epoch(number(EPOCH)?),
+            mode,
+            token: required(TOKEN)?,
+            port,
+            store_url: required(STORE_URL)?,
+            publisher_url: get(PUBLISHER_URL),
+            lease,
+            checkpoint_interval,
+            config,
+        })
+    }
+
+    /// Reads the process environment.
+    pub fn from_process_env() -> Result<Self> {
+        InstanceEnv::from_vars(|k| std::env::var(k).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> InstanceEnv {
+        InstanceEnv {
+            processor: ProcessorId::new("counter").unwrap(),
+            epoch: Epoch(7),
+            mode: LaunchMode::Standby,
+            token: "secret".into(),
+            port: 0,
+            store_url: "sqlite:///tmp/x.db".into(),
+            publisher_url: Some("file:///tmp/out".into()),
+            lease: Duration::from_secs(15),
+            checkpoint_interval: Duration::from_secs(5),
+            config: serde_json::json!({"k": 1}),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_variables() {
+        let env = sample();
+        let vars = env.to_vars();
+        let back = InstanceEnv::from_vars(|k| vars.get(k).cloned()).unwrap();
+        assert_eq!(back, env);
+        assert!(!format!("{env:?}").contains("secret"));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let mut vars = sample().to_vars();
+        vars.insert(EPOCH.into(), "seven".into());
+        let err = InstanceEnv::from_vars(|k| vars.get(k).cloned()).unwrap_err();
+        assert!(err.to_string().contains("DORY_EPOCH=\"seven\""), "{err}");
+        vars.remove(TOKEN);
+        vars.insert(EPOCH.into(), "7".into());
+        let err = InstanceEnv::from_vars(|k| vars.get(k).cloned()).unwrap_err();
+        assert!(err.to_string().contains("DORY_TOKEN is not set"), "{err}");
+        vars.insert(TOKEN.into(), "t".into());
+        vars.insert(MODE.into(), "run".into());
+        let err = InstanceEnv::from_vars(|k| vars.get(k).cloned()).unwrap_err();
+        assert!(err.to_string().contains("DORY_MODE"), "{err}");
+    }
+}

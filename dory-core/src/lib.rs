@@ -21,6 +21,9 @@ pub mod env;
 pub mod error;
 pub mod model;
 pub mod planner;
+pub mod snapshot;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use backend::{
     ConfigSource, Health, InstanceControl, Intent, Leadership, OutputMessage, Placement,

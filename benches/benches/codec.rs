@@ -1,0 +1,2 @@
+//! codec benchmark (to be written).
+fn main() {}

@@ -1,0 +1,2 @@
+//! planner benchmark (to be written).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Shared behaviour suites for backends (to be written).

@@ -1,0 +1,520 @@
+//! [`MemoryStore`]: the state store, and the leadership term it enforces, in memory.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dory_core::testing::SnapshotCorruptor;
+use dory_core::{
+    Clock, Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
+    StoredSnapshot, Term, Timestamp, snapshot,
+};
+use tokio::sync::watch;
+
+/// An in-memory [`StateStore`] that keeps ownership rows, snapshots and the current leadership
+/// term, with leases measured on an injected [`Clock`].
+///
+/// It is a cheap handle: clones share one store, so a simulator can keep one clone to inspect
+/// and hand another (perhaps wrapped in [`Faulty`](crate::faults::Faulty)) to the orchestrator.
+/// Leadership participants ([`MemoryLeadership`](crate::leadership::MemoryLeadership)) are
+/// created from it, because the store is what fences a deposed leader's writes.
+///
+/// Snapshots are checked with [`snapshot::verify`] when stored and when read, and nothing else
+/// of their format is assumed.
+#[derive(Clone)]
+pub struct MemoryStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+    /// Bumped whenever leadership becomes free, waking participants waiting to acquire.
+    leadership_freed: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    rows: BTreeMap<ProcessorId, Row>,
+    /// The current leadership term; 0 until a participant first acquires.
+    pub(crate) term: Term,
+    /// The participant holding `term`, if it still leads.
+    pub(crate) leader: Option<u64>,
+    pub(crate) participants: u64,
+}
+
+#[derive(Default)]
+struct Row {
+    highest: Epoch,
+    owner: Option<Epoch>,
+    /// The newest epoch that ever owned the processor: ownership only moves to epochs above
+    /// it, so an epoch that was released or moved away from can never own again.
+    newest_owner: Epoch,
+    lease_expires: Option<Timestamp>,
+    committed: Option<(Epoch, Sequence)>,
+    committed_at: Option<Timestamp>,
+    snapshots: BTreeMap<(Epoch, Sequence), StoredSnapshot>,
+}
+
+impl Row {
+    fn ownership(&self, processor: &ProcessorId) -> Ownership {
+        Ownership {
+            processor: processor.clone(),
+            owner: self.owner,
+            highest_epoch: self.highest,
+            lease_expires: self.lease_expires,
+            committed: self.committed,
+            committed_at: self.committed_at,
+        }
+    }
+
+    /// Refuses a checkpoint write from anyone but the owner.
+    fn check_owner(&self, processor: &ProcessorId, epoch: Epoch, what: &str) -> Result<()> {
+        match self.owner {
+            Some(owner) if owner == epoch => Ok(()),
+            Some(owner) => Err(Error::fenced(format!(
+                "{what} of processor {processor} from epoch {epoch}: {owner} owns it"
+            ))),
+            None => Err(Error::fenced(format!(
+                "{what} of processor {processor} from epoch {epoch}: no epoch owns it"
+            ))),
+        }
+    }
+
+    /// Refuses an epoch that was never claimed or is not newer than every earlier owner.
+    fn check_new_owner(&self, processor: &ProcessorId, epoch: Epoch, what: &str) -> Result<()> {
+        if epoch > self.highest {
+            return Err(Error::invalid(format!(
+                "{what} of processor {processor} to epoch {epoch}: never claimed (highest claimed is {})",
+                self.highest
+            )));
+        }
+        if epoch <= self.newest_owner {
+            return Err(Error::fenced(format!(
+                "{what} of processor {processor} to epoch {epoch}: not newer than {}, which already owned it",
+                self.newest_owner
+            )));
+        }
+        Ok(())
+    }
+
+    fn store(
+        &mut self,
+        mut snapshot: StoredSnapshot,
+        now: Timestamp,
+        lease: Duration,
+    ) -> Timestamp {
+        let key = (snapshot.meta.epoch, snapshot.meta.sequence);
+        snapshot.meta.created_at = now;
+        self.snapshots.insert(key, snapshot);
+        self.committed = Some(key);
+        self.committed_at = Some(now);
+        self.grant(now, lease)
+    }
+
+    fn grant(&mut self, now: Timestamp, lease: Duration) -> Timestamp {
+        let expires = now.plus(lease);
+        self.lease_expires = Some(expires);
+        expires
+    }
+}
+
+impl MemoryStore {
+    /// An empty store whose leases run on `clock` (a [`dory_core::TokioClock`] under the
+    /// simulator's paused runtime).
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        MemoryStore {
+            shared: Arc::new(Shared {
+                clock,
+                state: Mutex::new(State::default()),
+                leadership_freed: watch::channel(0).0,
+            }),
+        }
+    }
+
+    /// The clock leases are measured on.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.shared.clock.clone()
+    }
+
+    /// The current leadership term (0 before anyone acquired). Writes carrying any other term
+    /// are refused.
+    pub fn term(&self) -> Term {
+        self.lock().term
+    }
+
+    /// Ends the current leader's leadership, as a lost lock or an expired lease would, and
+    /// returns its term. The term stays current (its writes are still accepted) until another
+    /// participant acquires, as with a term row in a database; `check` of it fails at once.
+    pub fn depose_leader(&self) -> Option<Term> {
+        let mut state = self.lock();
+        let term = state.term;
+        state.leader.take()?;
+        drop(state);
+        self.leadership_freed();
+        Some(term)
+    }
+
+    /// The ownership row of `processor`, read without going through the async trait (for an
+    /// invariant checker that runs between simulation steps).
+    pub fn ownership_now(&self, processor: &ProcessorId) -> Option<Ownership> {
+        self.lock()
+            .rows
+            .get(processor)
+            .map(|row| row.ownership(processor))
+    }
+
+    /// Every ownership row, sorted by processor id, read synchronously.
+    pub fn ownerships_now(&self) -> Vec<Ownership> {
+        self.lock()
+            .rows
+            .iter()
+            .map(|(p, row)| row.ownership(p))
+            .collect()
+    }
+
+    /// Damages the stored snapshot of `processor` at `(epoch, sequence)` by flipping the bits
+    /// of its last byte, so the next read of it fails verification.
+    pub fn corrupt_snapshot(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        sequence: Sequence,
+    ) -> Result<()> {
+        let mut state = self.lock();
+        let last = state
+            .rows
+            .get_mut(processor)
+            .and_then(|row| row.snapshots.get_mut(&(epoch, sequence)))
+            .and_then(|snap| snap.bytes.last_mut())
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "snapshot of processor {processor} {epoch} {sequence}"
+                ))
+            })?;
+        *last = !*last;
+        Ok(())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock (a failed assertion in a test) leaves the state as
+        // consistent as any single step leaves it; later readers still get it.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn leadership_freed(&self) {
+        self.shared
+            .leadership_freed
+            .send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(crate) fn watch_leadership(&self) -> watch::Receiver<u64> {
+        self.shared.leadership_freed.subscribe()
+    }
+
+    fn now(&self) -> Timestamp {
+        self.shared.clock.now()
+    }
+
+    /// Locks the state for an orchestrator write, refusing a term that is not current.
+    fn lock_for_term(
+        &self,
+        term: Term,
+        what: &dyn Fn() -> String,
+    ) -> Result<MutexGuard<'_, State>> {
+        let state = self.lock();
+        if term == Term(0) || term != state.term {
+            return Err(Error::fenced(format!(
+                "{}: leadership term {term} is not current ({} is)",
+                what(),
+                state.term
+            )));
+        }
+        Ok(state)
+    }
+}
+
+/// Checks an incoming snapshot's bytes against its metadata.
+fn verify_incoming(snap: &StoredSnapshot, what: &str) -> Result<()> {
+    let meta = &snap.meta;
+    let context = || {
+        format!(
+            "{what} of processor {} epoch {} {}",
+            meta.processor, meta.epoch, meta.sequence
+        )
+    };
+    let header = snapshot::verify(&snap.bytes).map_err(|e| e.context(context()))?;
+    if (&header.processor, header.epoch, header.sequence)
+        != (&meta.processor, meta.epoch, meta.sequence)
+    {
+        return Err(Error::invalid(format!(
+            "{}: the snapshot's header says processor {} epoch {} {}",
+            context(),
+            header.processor,
+            header.epoch,
+            header.sequence
+        )));
+    }
+    if meta.size != snap.bytes.len() as u64 {
+        return Err(Error::invalid(format!(
+            "{}: metadata says {} bytes, the snapshot has {}",
+            context(),
+            meta.size,
+            snap.bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a snapshot read back from memory, as a store on disk would after a read.
+fn verify_stored(snap: StoredSnapshot) -> Result<StoredSnapshot> {
+    let meta = &snap.meta;
+    snapshot::verify(&snap.bytes).map_err(|e| {
+        e.context(format!(
+            "stored snapshot of processor {} epoch {} {}",
+            meta.processor, meta.epoch, meta.sequence
+        ))
+    })?;
+    Ok(snap)
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    async fn claim_epoch(&self, processor: &ProcessorId, term: Term) -> Result<Epoch> {
+        let mut state =
+            self.lock_for_term(term, &|| format!("claim an epoch of processor {processor}"))?;
+        let row = state.rows.entry(processor.clone()).or_default();
+        row.highest = row.highest.next();
+        Ok(row.highest)
+    }
+
+    async fn assign_owner(
+        &self,
+        processor: &ProcessorId,
+        expected: Option<Epoch>,
+        epoch: Epoch,
+        lease: Duration,
+        term: Term,
+    ) -> Result<()> {
+        let what = "assign ownership";
+        let now = self.now();
+        let mut state = self.lock_for_term(term, &|| {
+            format!("{what} of processor {processor} to epoch {epoch}")
+        })?;
+        let row = state.rows.get_mut(processor).ok_or_else(|| {
+            Error::invalid(format!(
+                "{what} of processor {processor} to epoch {epoch}: no epoch was ever claimed"
+            ))
+        })?;
+        if row.owner != expected {
+            return Err(Error::conflict(format!(
+                "{what} of processor {processor} to epoch {epoch}: expected owner {}, but it is {}",
+                show(expected),
+                show(row.owner)
+            )));
+        }
+        row.check_new_owner(processor, epoch, what)?;
+        row.owner = Some(epoch);
+        row.newest_owner = epoch;
+        row.grant(now, lease);
+        Ok(())
+    }
+
+    async fn commit_move(
+        &self,
+        from: Epoch,
+        snapshot: &StoredSnapshot,
+        lease: Duration,
+        term: Term,
+    ) -> Result<()> {
+        let what = "commit move";
+        let (processor, to, sequence) = (
+            &snapshot.meta.processor,
+            snapshot.meta.epoch,
+            snapshot.meta.sequence,
+        );
+        verify_incoming(snapshot, what)?;
+        let now = self.now();
+        let mut state = self.lock_for_term(term, &|| {
+            format!("{what} of processor {processor} from {from} to {to}")
+        })?;
+        let row = state.rows.get_mut(processor).ok_or_else(|| {
+            Error::not_found(format!(
+                "{what} of processor {processor} from {from} to {to}: no ownership row"
+            ))
+        })?;
+        if row.owner != Some(from) {
+            return Err(Error::conflict(format!(
+                "{what} of processor {processor} from {from} to {to}: the owner is {}",
+                show(row.owner)
+            )));
+        }
+        row.check_new_owner(processor, to, what)?;
+        // A move carries the frozen state forward; a snapshot older than the committed one
+        // would silently roll the processor back.
+        if let Some((epoch, committed)) = row.committed
+            && sequence < committed
+        {
+            return Err(Error::fenced(format!(
+                "{what} of processor {processor} from {from} to {to}: snapshot {sequence} is older than the committed {committed} of {epoch}"
+            )));
+        }
+        row.owner = Some(to);
+        row.newest_owner = to;
+        row.store(snapshot.clone(), now, lease);
+        Ok(())
+    }
+
+    async fn release(&self, processor: &ProcessorId, epoch: Epoch, term: Term) -> Result<()> {
+        let what = || format!("release processor {processor} from epoch {epoch}");
+        let mut state = self.lock_for_term(term, &what)?;
+        let row = state
+            .rows
+            .get_mut(processor)
+            .ok_or_else(|| Error::not_found(format!("{}: no ownership row", what())))?;
+        match row.owner {
+            // Releasing what nothing owns is done already: a retried release succeeds.
+            None => Ok(()),
+            Some(owner) if owner == epoch => {
+                row.owner = None;
+                row.lease_expires = None;
+                Ok(())
+            }
+            Some(owner) => Err(Error::conflict(format!("{}: {owner} owns it", what()))),
+        }
+    }
+
+    async fn put_checkpoint(
+        &self,
+        snapshot: &StoredSnapshot,
+        lease: Duration,
+    ) -> Result<Timestamp> {
+        let what = "checkpoint";
+        let (processor, epoch, sequence) = (
+            &snapshot.meta.processor,
+            snapshot.meta.epoch,
+            snapshot.meta.sequence,
+        );
+        verify_incoming(snapshot, what)?;
+        let now = self.now();
+        let mut state = self.lock();
+        let row = state.rows.get_mut(processor).ok_or_else(|| {
+            Error::fenced(format!(
+                "{what} of processor {processor} from epoch {epoch}: no epoch owns it"
+            ))
+        })?;
+        row.check_owner(processor, epoch, what)?;
+        if let Some((_, committed)) = row.committed
+            && sequence <= committed
+        {
+            return Err(Error::fenced(format!(
+                "{what} of processor {processor} from epoch {epoch}: sequence {sequence} is not above the committed {committed}"
+            )));
+        }
+        Ok(row.store(snapshot.clone(), now, lease))
+    }
+
+    async fn renew_lease(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        lease: Duration,
+    ) -> Result<Timestamp> {
+        let what = "lease renewal";
+        let now = self.now();
+        let mut state = self.lock();
+        let row = state.rows.get_mut(processor).ok_or_else(|| {
+            Error::fenced(format!(
+                "{what} of processor {processor} from epoch {epoch}: no epoch owns it"
+            ))
+        })?;
+        row.check_owner(processor, epoch, what)?;
+        Ok(row.grant(now, lease))
+    }
+
+    async fn ownership(&self, processor: &ProcessorId) -> Result<Option<Ownership>> {
+        Ok(self.ownership_now(processor))
+    }
+
+    async fn ownerships(&self) -> Result<Vec<Ownership>> {
+        Ok(self.ownerships_now())
+    }
+
+    async fn latest(&self, processor: &ProcessorId) -> Result<Option<StoredSnapshot>> {
+        let found = {
+            let state = self.lock();
+            let Some(row) = state.rows.get(processor) else {
+                return Ok(None);
+            };
+            let Some(key) = row.committed else {
+                return Ok(None);
+            };
+            row.snapshots.get(&key).cloned().ok_or_else(|| {
+                Error::not_found(format!(
+                    "latest snapshot of processor {processor}: committed {} {} is missing",
+                    key.0, key.1
+                ))
+            })?
+        };
+        verify_stored(found).map(Some)
+    }
+
+    async fn get(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        sequence: Sequence,
+    ) -> Result<Option<StoredSnapshot>> {
+        let found = self
+            .lock()
+            .rows
+            .get(processor)
+            .and_then(|row| row.snapshots.get(&(epoch, sequence)).cloned());
+        found.map(verify_stored).transpose()
+    }
+
+    async fn history(&self, processor: &ProcessorId) -> Result<Vec<SnapshotMeta>> {
+        let state = self.lock();
+        let Some(row) = state.rows.get(processor) else {
+            return Ok(Vec::new());
+        };
+        Ok(row
+            .snapshots
+            .values()
+            .rev()
+            .map(|s| s.meta.clone())
+            .collect())
+    }
+
+    async fn prune(&self, processor: &ProcessorId, keep: usize) -> Result<usize> {
+        let mut state = self.lock();
+        let Some(row) = state.rows.get_mut(processor) else {
+            return Ok(0);
+        };
+        let doomed = row.snapshots.len().saturating_sub(keep.max(1));
+        for _ in 0..doomed {
+            row.snapshots.pop_first();
+        }
+        Ok(doomed)
+    }
+}
+
+#[async_trait]
+impl SnapshotCorruptor for MemoryStore {
+    async fn corrupt(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        sequence: Sequence,
+    ) -> Result<()> {
+        self.corrupt_snapshot(processor, epoch, sequence)
+    }
+}
+
+fn show(epoch: Option<Epoch>) -> String {
+    epoch.map_or_else(|| "none".to_string(), |e| e.to_string())
+}

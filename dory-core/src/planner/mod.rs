@@ -11,11 +11,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Epoch, Instance, InterruptionReason, Node, NodeId, Ownership, ProcessorId,
-    Timestamp,
+    Epoch, Instance, InterruptionReason, Node, NodeId, Ownership, ProcessorId, Timestamp,
 };
 
+mod placement;
 mod rules;
+#[cfg(test)]
+mod tests;
 
 pub use rules::plan;
 
@@ -121,6 +123,9 @@ pub enum MoveReason {
 pub enum Action {
     /// Claim a new epoch, take ownership from `expected_owner` (whose lease has run out, or
     /// who exited), and launch in `restore` mode on `node`.
+    ///
+    /// The executor forgets the processor's ended instances before it starts: a plan holds one
+    /// action per processor, so the Start stands for that clean-up too.
     Start {
         /// The processor.
         processor: ProcessorId,

@@ -171,13 +171,21 @@ pub trait InstanceControl: Send + Sync + 'static {
 ///   concurrent claims never return the same epoch.
 /// - [`put_checkpoint`](StateStore::put_checkpoint) stores the snapshot only if its epoch is
 ///   the owner and its sequence is above the last stored one, in one atomic step; otherwise
-///   [`Fenced`](crate::Error::Fenced), and nothing is overwritten. It renews the lease.
+///   [`Fenced`](crate::Error::Fenced), and nothing is overwritten. It renews the lease. It is
+///   idempotent: repeating the put of the committed checkpoint (same epoch, sequence and
+///   bytes, e.g. after a lost answer) succeeds and renews the lease again.
 /// - [`assign_owner`](StateStore::assign_owner) moves ownership from `expected` to a claimed
 ///   epoch above it (compare-and-swap on the current owner); waiting out the old owner's
 ///   lease is the caller's duty.
 /// - [`commit_move`](StateStore::commit_move) moves ownership from `from` to the snapshot's
 ///   epoch **and** stores the snapshot as that epoch's first checkpoint in one atomic step:
-///   this is the commit point of a move.
+///   this is the commit point of a move. A snapshot older than the committed checkpoint is
+///   refused with [`Fenced`](crate::Error::Fenced) (an equal sequence is fine: nothing was
+///   published since).
+/// - A snapshot's header names the epoch that took it: the owner for
+///   [`put_checkpoint`](StateStore::put_checkpoint), `from` for
+///   [`commit_move`](StateStore::commit_move). The first claim of a processor returns
+///   `Epoch(1)`; after [`release`](StateStore::release) the lease is cleared.
 /// - Every orchestrator write (`claim_epoch`, `assign_owner`, `commit_move`, `release`) is
 ///   refused with [`Fenced`](crate::Error::Fenced) unless `term` is the current leadership
 ///   term.
@@ -201,6 +209,8 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<()>;
 
     /// Moves ownership from `from` to `snapshot.meta.epoch` and stores the snapshot, atomically.
+    /// The snapshot was taken by `from`, so its header names `from`, while its metadata files it
+    /// as the new owner's first checkpoint.
     async fn commit_move(
         &self,
         from: Epoch,
@@ -213,7 +223,8 @@ pub trait StateStore: Send + Sync + 'static {
     async fn release(&self, processor: &ProcessorId, epoch: Epoch, term: Term) -> Result<()>;
 
     /// Stores a checkpoint from the owning instance and renews its lease.
-    async fn put_checkpoint(&self, snapshot: &StoredSnapshot, lease: Duration) -> Result<Timestamp>;
+    async fn put_checkpoint(&self, snapshot: &StoredSnapshot, lease: Duration)
+    -> Result<Timestamp>;
 
     /// Renews the owning instance's lease without a checkpoint; returns the new expiry.
     async fn renew_lease(

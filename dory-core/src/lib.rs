@@ -20,14 +20,15 @@ pub mod clock;
 pub mod env;
 pub mod error;
 pub mod model;
+pub mod orchestrator;
 pub mod planner;
 pub mod snapshot;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use backend::{
-    ConfigSource, Health, InstanceControl, Intent, Leadership, OutputMessage, Placement,
-    Publisher, StateStore, StatusSink,
+    ConfigSource, Health, InstanceControl, Intent, Leadership, OutputMessage, Placement, Publisher,
+    StateStore, StatusSink,
 };
 pub use changes::{ChangeNotifier, Changes};
 pub use clock::{Clock, SystemClock, TokioClock};

@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 ///
 /// Dory passes time around as a value (see [`crate::Clock`]) so the planner stays pure and the
 /// simulator can run on simulated time.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
@@ -27,12 +29,18 @@ impl Timestamp {
 
     /// This timestamp moved forward by `d` (saturating).
     pub fn plus(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(d.as_millis().min(u64::MAX as u128) as u64))
+        Timestamp(
+            self.0
+                .saturating_add(d.as_millis().min(u64::MAX as u128) as u64),
+        )
     }
 
     /// This timestamp moved back by `d` (saturating at zero).
     pub fn minus(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_sub(d.as_millis().min(u64::MAX as u128) as u64))
+        Timestamp(
+            self.0
+                .saturating_sub(d.as_millis().min(u64::MAX as u128) as u64),
+        )
     }
 
     /// The time from `earlier` to `self`, zero when `earlier` is later.
@@ -217,7 +225,9 @@ impl fmt::Display for Site {
 }
 
 /// Which site a processor prefers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SitePreference {
     /// Only (or, with fallback, preferably) at the edge.
@@ -241,7 +251,9 @@ impl SitePreference {
 }
 
 /// Compute resources, requested by a processor or offered by a node.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Resources {
     /// CPU in thousandths of a core.
     pub cpu_millis: u64,
@@ -428,10 +440,35 @@ impl ProcessorSpec {
 
     /// A stable hash of everything that requires a new instance when it changes (what runs,
     /// its resources and configuration). A change is rolled out as a planned move.
+    ///
+    /// The hash is over a fixed, length-prefixed encoding of those fields (not `std::hash`,
+    /// whose output may change between compiler releases), because revisions are stored with
+    /// instances (pod labels, registry files) and must compare equal across orchestrator
+    /// upgrades.
     pub fn revision(&self) -> u64 {
-        let bytes = serde_json::to_vec(&(&self.workload, &self.resources, &self.config))
-            .unwrap_or_default();
-        xxhash_rust::xxh3::xxh3_64(&bytes)
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut field = |bytes: &[u8]| {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        let w = &self.workload;
+        field(w.image.as_deref().unwrap_or("").as_bytes());
+        field(w.version.as_deref().unwrap_or("").as_bytes());
+        field(&(w.command.len() as u64).to_le_bytes());
+        for arg in &w.command {
+            field(arg.as_bytes());
+        }
+        field(&(w.env.len() as u64).to_le_bytes());
+        for (k, v) in &w.env {
+            field(k.as_bytes());
+            field(v.as_bytes());
+        }
+        field(&self.resources.cpu_millis.to_le_bytes());
+        field(&self.resources.memory_mib.to_le_bytes());
+        if !self.config.is_null() {
+            field(self.config.to_string().as_bytes());
+        }
+        h.digest()
     }
 }
 
@@ -704,6 +741,8 @@ pub struct Ownership {
     pub lease_expires: Option<Timestamp>,
     /// The latest committed checkpoint (epoch and sequence), if any.
     pub committed: Option<(Epoch, Sequence)>,
+    /// When the latest checkpoint was committed, in the store's clock.
+    pub committed_at: Option<Timestamp>,
 }
 
 /// What a processor looks like from outside: written through [`crate::StatusSink`].
@@ -733,6 +772,8 @@ pub struct ProcessorStatus {
     pub recent_failures: Vec<Timestamp>,
     /// The last error, naming what was wrong.
     pub last_error: Option<String>,
+    /// The spec revision the status was computed for ([`ProcessorSpec::revision`]).
+    pub spec_revision: Option<u64>,
     /// When this status was written.
     pub updated_at: Timestamp,
 }
@@ -783,7 +824,10 @@ mod tests {
         let mut spec = ProcessorSpec::new(ProcessorId::new("p").unwrap());
         spec.checkpoint_interval = Duration::ZERO;
         let err = spec.validate().unwrap_err().to_string();
-        assert!(err.contains("processor p") && err.contains("checkpoint_interval"), "{err}");
+        assert!(
+            err.contains("processor p") && err.contains("checkpoint_interval"),
+            "{err}"
+        );
         let mut spec = ProcessorSpec::new(ProcessorId::new("p").unwrap());
         spec.restart.crash_loop_failures = 0;
         let err = spec.validate().unwrap_err().to_string();

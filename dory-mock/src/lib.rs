@@ -51,10 +51,9 @@ pub mod config;
 pub mod faults;
 pub mod leadership;
 pub mod publisher;
+pub mod sim;
 pub mod status;
 pub mod store;
-// The deterministic simulator, being written in `sim/`; declared here once it lands.
-// pub mod sim;
 
 pub use config::MemoryConfig;
 pub use faults::{

@@ -239,7 +239,7 @@ impl MemoryStore {
 }
 
 /// Checks an incoming snapshot's bytes against its metadata.
-fn verify_incoming(snap: &StoredSnapshot, what: &str) -> Result<()> {
+fn verify_incoming(snap: &StoredSnapshot, what: &str, taken_by: Epoch) -> Result<()> {
     let meta = &snap.meta;
     let context = || {
         format!(
@@ -249,7 +249,7 @@ fn verify_incoming(snap: &StoredSnapshot, what: &str) -> Result<()> {
     };
     let header = snapshot::verify(&snap.bytes).map_err(|e| e.context(context()))?;
     if (&header.processor, header.epoch, header.sequence)
-        != (&meta.processor, meta.epoch, meta.sequence)
+        != (&meta.processor, taken_by, meta.sequence)
     {
         return Err(Error::invalid(format!(
             "{}: the snapshot's header says processor {} epoch {} {}",
@@ -337,7 +337,7 @@ impl StateStore for MemoryStore {
             snapshot.meta.epoch,
             snapshot.meta.sequence,
         );
-        verify_incoming(snapshot, what)?;
+        verify_incoming(snapshot, what, from)?;
         let now = self.now();
         let mut state = self.lock_for_term(term, &|| {
             format!("{what} of processor {processor} from {from} to {to}")
@@ -399,7 +399,7 @@ impl StateStore for MemoryStore {
             snapshot.meta.epoch,
             snapshot.meta.sequence,
         );
-        verify_incoming(snapshot, what)?;
+        verify_incoming(snapshot, what, snapshot.meta.epoch)?;
         let now = self.now();
         let mut state = self.lock();
         let row = state.rows.get_mut(processor).ok_or_else(|| {
@@ -408,6 +408,16 @@ impl StateStore for MemoryStore {
             ))
         })?;
         row.check_owner(processor, epoch, what)?;
+        // A retry of the checkpoint that is already the committed one (its answer was lost)
+        // succeeds again and renews the lease: refusing it would fence a legitimate owner.
+        if row.committed == Some((epoch, sequence))
+            && row
+                .snapshots
+                .get(&(epoch, sequence))
+                .is_some_and(|stored| stored.bytes == snapshot.bytes)
+        {
+            return Ok(row.grant(now, lease));
+        }
         if let Some((_, committed)) = row.committed
             && sequence <= committed
         {

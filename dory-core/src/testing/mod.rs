@@ -103,6 +103,20 @@ pub fn test_snapshot(
     StoredSnapshot::from_encoded(bytes, Timestamp(0)).unwrap_or_else(|e| panic!("{}: {e}", what()))
 }
 
+/// A snapshot as a move commits it: taken by `from` (its header says so) and filed as the
+/// first checkpoint of `to`.
+pub fn test_move_snapshot(
+    processor: &ProcessorId,
+    from: Epoch,
+    to: Epoch,
+    sequence: Sequence,
+    body: &[u8],
+) -> StoredSnapshot {
+    let mut snapshot = test_snapshot(processor, from, sequence, body);
+    snapshot.meta.epoch = to;
+    snapshot
+}
+
 /// Runs `fut`, panicking with `what` if it has not finished within [`PATIENCE`].
 pub(crate) async fn patiently<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     match tokio::time::timeout(PATIENCE, fut).await {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{patiently, test_snapshot, unique_processor};
+use super::{patiently, test_move_snapshot, test_snapshot, unique_processor};
 use crate::backend::{Leadership, StateStore};
 use crate::error::{Error, Result};
 use crate::model::{Epoch, Ownership, ProcessorId, Sequence, SnapshotMeta, StoredSnapshot, Term};
@@ -48,6 +48,7 @@ pub async fn state_store_suite(store: &dyn StateStore, leadership: &dyn Leadersh
     claim_epoch_is_compare_and_swap(store, term).await;
     assign_owner_is_compare_and_swap(store, term).await;
     put_checkpoint_is_fenced(store, term).await;
+    put_checkpoint_retry_is_idempotent(store, term).await;
     renew_lease_is_fenced(store, term).await;
     commit_move_is_atomic(store, term).await;
     release_gives_up_ownership(store, term).await;
@@ -363,6 +364,33 @@ pub async fn put_checkpoint_is_fenced(store: &dyn StateStore, term: Term) {
     );
 }
 
+/// Repeating the put of the committed checkpoint (its answer was lost) succeeds and renews
+/// the lease; the same sequence with different bytes is still refused.
+pub async fn put_checkpoint_retry_is_idempotent(store: &dyn StateStore, term: Term) {
+    let p = unique_processor("idempotent");
+    let e1 = owned(store, &p, term).await;
+    let snap = test_snapshot(&p, e1, Sequence(7), b"seven");
+    let first = ok(
+        &p,
+        "put_checkpoint #7",
+        store.put_checkpoint(&snap, LEASE).await,
+    );
+    let again = ok(
+        &p,
+        "put_checkpoint #7 again (a retry after a lost answer)",
+        store.put_checkpoint(&snap, LEASE).await,
+    );
+    assert!(again >= first, "{p}: the retry must renew the lease");
+    let other = test_snapshot(&p, e1, Sequence(7), b"not seven");
+    fenced(
+        &p,
+        "put_checkpoint #7 with different bytes",
+        store.put_checkpoint(&other, LEASE).await,
+    );
+    let latest = ok(&p, "latest", store.latest(&p).await).map(|s| s.bytes);
+    assert_eq!(latest, Some(snap.bytes), "{p}: the first #7 must stay");
+}
+
 /// `renew_lease` extends the owner's lease and returns the new expiry; any other epoch is
 /// [`Fenced`](Error::Fenced) and the lease is left alone.
 pub async fn renew_lease_is_fenced(store: &dyn StateStore, term: Term) {
@@ -444,7 +472,7 @@ pub async fn commit_move_is_atomic(store: &dyn StateStore, term: Term) {
 
     // The frozen snapshot may carry the very sequence of the last checkpoint: nothing new was
     // published since.
-    let moved = test_snapshot(&p, e2, Sequence(3), b"moved");
+    let moved = test_move_snapshot(&p, e1, e2, Sequence(3), b"moved");
     ok(
         &p,
         "commit_move e1 -> e2",
@@ -478,7 +506,12 @@ pub async fn commit_move_is_atomic(store: &dyn StateStore, term: Term) {
     let e3 = ok(&p, "claim_epoch", store.claim_epoch(&p, term).await);
     let before = probe.look().await;
     let r = store
-        .commit_move(e1, &test_snapshot(&p, e3, Sequence(4), b"x"), LEASE, term)
+        .commit_move(
+            e1,
+            &test_move_snapshot(&p, e1, e3, Sequence(4), b"x"),
+            LEASE,
+            term,
+        )
         .await;
     assert!(
         matches!(r, Err(Error::Conflict(_) | Error::Fenced(_))),
@@ -491,7 +524,7 @@ pub async fn commit_move_is_atomic(store: &dyn StateStore, term: Term) {
     let r = store
         .commit_move(
             e2,
-            &test_snapshot(&p, unclaimed, Sequence(4), b"x"),
+            &test_move_snapshot(&p, e2, unclaimed, Sequence(4), b"x"),
             LEASE,
             term,
         )
@@ -501,7 +534,12 @@ pub async fn commit_move_is_atomic(store: &dyn StateStore, term: Term) {
         .unchanged(&before, "commit_move to an unclaimed epoch")
         .await;
     let r = store
-        .commit_move(e2, &test_snapshot(&p, e2, Sequence(4), b"x"), LEASE, term)
+        .commit_move(
+            e2,
+            &test_move_snapshot(&p, e2, e2, Sequence(4), b"x"),
+            LEASE,
+            term,
+        )
         .await;
     refused(&p, "commit_move to the owner itself", r);
     probe
@@ -510,7 +548,7 @@ pub async fn commit_move_is_atomic(store: &dyn StateStore, term: Term) {
     let r = store
         .commit_move(
             e2,
-            &test_snapshot(&p, e3, Sequence(2), b"stale"),
+            &test_move_snapshot(&p, e2, e3, Sequence(2), b"stale"),
             LEASE,
             term,
         )
@@ -530,8 +568,8 @@ pub async fn commit_move_is_atomic(store: &dyn StateStore, term: Term) {
     );
 
     let e4 = ok(&p, "claim_epoch", store.claim_epoch(&p, term).await);
-    let a = test_snapshot(&p, e3, Sequence(5), b"to e3");
-    let b = test_snapshot(&p, e4, Sequence(5), b"to e4");
+    let a = test_move_snapshot(&p, e2, e3, Sequence(5), b"to e3");
+    let b = test_move_snapshot(&p, e2, e4, Sequence(5), b"to e4");
     let (ra, rb) = tokio::join!(
         store.commit_move(e2, &a, LEASE, term),
         store.commit_move(e2, &b, LEASE, term),
@@ -654,7 +692,7 @@ pub async fn history_is_newest_first_and_prune_keeps_one(store: &dyn StateStore,
         written.push(snap);
     }
     let e2 = ok(&p, "claim_epoch", store.claim_epoch(&p, term).await);
-    let moved = test_snapshot(&p, e2, Sequence(4), b"moved");
+    let moved = test_move_snapshot(&p, e1, e2, Sequence(4), b"moved");
     ok(
         &p,
         "commit_move",
@@ -788,7 +826,7 @@ pub async fn term_fencing(store: &dyn StateStore, leadership: &dyn Leadership, t
             &what("assign_owner"),
             store.assign_owner(&p, Some(e1), e2, LEASE, stale).await,
         );
-        let snap = test_snapshot(&p, e2, Sequence(2), b"fenced move");
+        let snap = test_move_snapshot(&p, e1, e2, Sequence(2), b"fenced move");
         fenced(
             &p,
             &what("commit_move"),

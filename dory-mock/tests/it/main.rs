@@ -36,3 +36,5 @@ fn msg(p: &str, epoch: u64, sequence: u64, payload: &str) -> OutputMessage {
         payload: payload.as_bytes().to_vec(),
     }
 }
+mod orchestrator;
+mod sim;

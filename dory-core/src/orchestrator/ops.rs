@@ -1,0 +1,708 @@
+//! The operations that carry out the planner's actions.
+//!
+//! A move is an explicit state machine ([`MoveStep`]): every step is one call against a
+//! backend, and where the machine stands when a step fails decides the way out — roll back
+//! before the commit, roll forward after it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use super::{EventKind, Inner, PlantedFault};
+use crate::error::{Error, Result};
+use crate::model::{
+    Epoch, Instance, InterruptionReason, LaunchMode, LaunchRequest, NodeId, Phase, ProcessorId,
+    ProcessorSpec, StoredSnapshot, Term,
+};
+use crate::planner::{Action, StartReason};
+
+/// What an operation did, for the round to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Nothing to record.
+    Done,
+    /// An instance was started.
+    Started { reason: StartReason },
+    /// A move (or evacuation) committed; the pause the processor saw.
+    Moved { pause_ms: u64 },
+    /// The crash-loop breaker tripped on this spec revision.
+    MarkedFailed {
+        reason: String,
+        revision: Option<u64>,
+    },
+}
+
+/// What an operation works with.
+pub(super) struct Op {
+    pub(super) inner: Arc<Inner>,
+    pub(super) term: Term,
+    pub(super) action: Action,
+    /// The processor's spec, when it is desired.
+    pub(super) spec: Option<ProcessorSpec>,
+    /// The processor's instances as observed when the action was planned.
+    pub(super) instances: Vec<Instance>,
+}
+
+impl Op {
+    pub(super) async fn run(self) -> Result<Outcome> {
+        let span = tracing::info_span!(
+            "operation",
+            processor.id = %self.action.processor(),
+            action = action_name(&self.action),
+        );
+        self.run_inner().instrument(span).await
+    }
+
+    async fn run_inner(&self) -> Result<Outcome> {
+        match self.action.clone() {
+            Action::Start {
+                processor,
+                node,
+                expected_owner,
+                reason,
+            } => self.start(&processor, &node, expected_owner, reason).await,
+            Action::Move {
+                processor,
+                from,
+                to,
+                ..
+            } => {
+                let old = self.instance(from)?;
+                MoveOp::new(self, processor, old, to).run().await
+            }
+            Action::Evacuate {
+                processor,
+                from,
+                to,
+                reason,
+            } => self.evacuate(&processor, from, &to, reason).await,
+            Action::RollBack {
+                processor,
+                owner,
+                replacement,
+            } => {
+                self.remove_and_confirm(&processor, replacement).await?;
+                let owner = self.instance(owner)?;
+                self.call("resume owner", self.ctl().resume(&owner)).await?;
+                self.inner.emit(
+                    Some(&processor),
+                    EventKind::RolledBack {
+                        owner: owner.epoch,
+                        replacement,
+                        error: "found uncommitted after a restart".into(),
+                    },
+                );
+                Ok(Outcome::Done)
+            }
+            Action::RollForward {
+                processor,
+                owner,
+                old,
+            } => {
+                let owner = self.instance(owner)?;
+                self.call("resume owner", self.ctl().resume(&owner)).await?;
+                self.terminate(&processor, old).await?;
+                self.inner.emit(
+                    Some(&processor),
+                    EventKind::RolledForward {
+                        owner: owner.epoch,
+                        old,
+                    },
+                );
+                Ok(Outcome::Done)
+            }
+            Action::Resume { epoch, .. } => {
+                let owner = self.instance(epoch)?;
+                self.call("resume", self.ctl().resume(&owner)).await?;
+                Ok(Outcome::Done)
+            }
+            Action::Terminate {
+                processor,
+                epoch,
+                release,
+            } => {
+                if release {
+                    self.remove_and_confirm(&processor, epoch).await?;
+                    self.call(
+                        "release ownership",
+                        self.inner
+                            .backends
+                            .store
+                            .release(&processor, epoch, self.term),
+                    )
+                    .await?;
+                } else {
+                    self.terminate(&processor, epoch).await?;
+                }
+                Ok(Outcome::Done)
+            }
+            Action::Release { processor, epoch } => {
+                self.call(
+                    "release ownership",
+                    self.inner
+                        .backends
+                        .store
+                        .release(&processor, epoch, self.term),
+                )
+                .await?;
+                Ok(Outcome::Done)
+            }
+            Action::Forget { processor, epoch } => {
+                self.call(
+                    "forget instance",
+                    self.inner.backends.placement.forget(&processor, epoch),
+                )
+                .await?;
+                Ok(Outcome::Done)
+            }
+            Action::MarkFailed { processor, reason } => {
+                self.inner.emit(
+                    Some(&processor),
+                    EventKind::MarkedFailed {
+                        reason: reason.clone(),
+                    },
+                );
+                Ok(Outcome::MarkedFailed {
+                    reason,
+                    revision: self.spec.as_ref().map(ProcessorSpec::revision),
+                })
+            }
+        }
+    }
+
+    fn ctl(&self) -> &dyn crate::backend::InstanceControl {
+        &*self.inner.backends.control
+    }
+
+    fn spec(&self) -> Result<&ProcessorSpec> {
+        self.spec.as_ref().ok_or_else(|| {
+            Error::not_found(format!(
+                "processor {} is no longer desired",
+                self.action.processor()
+            ))
+        })
+    }
+
+    fn instance(&self, epoch: Epoch) -> Result<Instance> {
+        self.instances
+            .iter()
+            .find(|i| i.epoch == epoch)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "instance {} of processor {}",
+                    epoch,
+                    self.action.processor()
+                ))
+            })
+    }
+
+    /// Runs one backend call with the call timeout; the error names the operation.
+    async fn call<T>(&self, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let timeout = self.inner.settings.call_timeout;
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(result) => result.map_err(|e| e.context(what)),
+            Err(_) => Err(Error::unavailable(format!(
+                "{what}: no answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// The current record of one instance, if the placement still lists it.
+    async fn lookup(&self, processor: &ProcessorId, epoch: Epoch) -> Result<Option<Instance>> {
+        let all = self
+            .call("list instances", self.inner.backends.placement.instances())
+            .await?;
+        Ok(all
+            .into_iter()
+            .find(|i| &i.processor == processor && i.epoch == epoch))
+    }
+
+    /// Polls until the instance satisfies `done`, fails, or `timeout` passes.
+    async fn wait_for(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(Option<&Instance>) -> bool,
+    ) -> Result<Option<Instance>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = self.lookup(processor, epoch).await?;
+            if done(current.as_ref()) {
+                return Ok(current);
+            }
+            if let Some(Instance {
+                phase: Phase::Failed { reason },
+                ..
+            }) = &current
+            {
+                return Err(Error::unavailable(format!(
+                    "instance {epoch} of {processor} failed while waiting until {what}: {reason}"
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::unavailable(format!(
+                    "instance {epoch} of {processor}: not {what} within {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(self.inner.settings.poll_interval).await;
+        }
+    }
+
+    async fn terminate(&self, processor: &ProcessorId, epoch: Epoch) -> Result<()> {
+        let grace = self.inner.settings.stop_grace;
+        match self
+            .call(
+                "terminate",
+                self.inner
+                    .backends
+                    .placement
+                    .terminate(processor, epoch, grace),
+            )
+            .await
+        {
+            Ok(()) | Err(Error::NotFound(_)) => {
+                self.inner
+                    .emit(Some(processor), EventKind::Terminated { epoch });
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Terminates an instance, confirms it is gone, and forgets its record.
+    async fn remove_and_confirm(&self, processor: &ProcessorId, epoch: Epoch) -> Result<()> {
+        self.terminate(processor, epoch).await?;
+        let wait = self.inner.settings.stop_grace + self.inner.settings.call_timeout;
+        self.wait_for(processor, epoch, wait, "gone", |i| {
+            i.is_none_or(|i| i.phase.is_gone())
+        })
+        .await
+        .or_else(|e| match e {
+            // A failed instance is gone too.
+            Error::Unavailable(m) if m.contains("failed while waiting") => Ok(None),
+            e => Err(e),
+        })?;
+        self.call(
+            "forget instance",
+            self.inner.backends.placement.forget(processor, epoch),
+        )
+        .await
+    }
+
+    async fn launch(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        node: &NodeId,
+        mode: LaunchMode,
+    ) -> Result<Instance> {
+        let request = LaunchRequest {
+            spec: self.spec()?.clone(),
+            epoch,
+            node: node.clone(),
+            mode,
+        };
+        self.call(
+            &format!("launch {epoch} of {processor} on {node}"),
+            self.inner.backends.placement.launch(&request),
+        )
+        .await
+    }
+
+    async fn start(
+        &self,
+        processor: &ProcessorId,
+        node: &NodeId,
+        expected_owner: Option<Epoch>,
+        reason: StartReason,
+    ) -> Result<Outcome> {
+        let store = &self.inner.backends.store;
+        for ended in self.instances.iter().filter(|i| i.phase.is_gone()) {
+            self.call(
+                "forget ended instance",
+                self.inner.backends.placement.forget(processor, ended.epoch),
+            )
+            .await?;
+        }
+        let epoch = self
+            .call("claim epoch", store.claim_epoch(processor, self.term))
+            .await?;
+        let lease = self.inner.settings.planner.lease;
+        self.call(
+            "take ownership",
+            store.assign_owner(processor, expected_owner, epoch, lease, self.term),
+        )
+        .await?;
+        self.launch(processor, epoch, node, LaunchMode::Restore)
+            .await?;
+        self.inner.emit(
+            Some(processor),
+            EventKind::Started {
+                epoch,
+                node: node.clone(),
+                reason: reason.clone(),
+            },
+        );
+        Ok(Outcome::Started { reason })
+    }
+
+    /// Freeze, commit the final snapshot to a new epoch, terminate, restore elsewhere: for a
+    /// deadline too short for a make-before-break move.
+    async fn evacuate(
+        &self,
+        processor: &ProcessorId,
+        from: Epoch,
+        to: &NodeId,
+        _reason: InterruptionReason,
+    ) -> Result<Outcome> {
+        let old = self.instance(from)?;
+        let store = &self.inner.backends.store;
+        let epoch = self
+            .call("claim epoch", store.claim_epoch(processor, self.term))
+            .await?;
+        let frozen_at = self.inner.backends.clock.now();
+        let captured = async {
+            self.call(
+                "freeze",
+                self.ctl().freeze(&old, self.inner.settings.freeze_timeout),
+            )
+            .await?;
+            self.call("fetch snapshot", self.ctl().fetch(&old)).await
+        }
+        .await;
+        let bytes = match captured {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // Not committed: the old instance keeps the processor.
+                let _ = self
+                    .call("resume after failed freeze", self.ctl().resume(&old))
+                    .await;
+                return Err(e);
+            }
+        };
+        match self.commit(processor, from, epoch, bytes).await {
+            Ok(()) => {}
+            Err(e) if self.committed_to(processor, epoch).await == Some(true) => {
+                tracing::warn!(target: "dory::orchestrator", error = %e, "commit reported an error but took effect");
+            }
+            Err(e) => {
+                if self.committed_to(processor, epoch).await == Some(false) {
+                    let _ = self
+                        .call("resume after failed commit", self.ctl().resume(&old))
+                        .await;
+                }
+                return Err(e);
+            }
+        }
+        self.terminate(processor, from).await?;
+        self.launch(processor, epoch, to, LaunchMode::Restore)
+            .await?;
+        let pause_ms = self.inner.backends.clock.now().since(frozen_at).as_millis() as u64;
+        self.inner.emit(
+            Some(processor),
+            EventKind::Moved {
+                from,
+                to: epoch,
+                node: to.clone(),
+                pause_ms,
+            },
+        );
+        Ok(Outcome::Moved { pause_ms })
+    }
+
+    /// Commits a move: ownership `from` → `to` plus the snapshot, conditional on the term.
+    async fn commit(
+        &self,
+        processor: &ProcessorId,
+        from: Epoch,
+        to: Epoch,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
+        let now = self.inner.backends.clock.now();
+        let mut snapshot = StoredSnapshot::from_encoded(bytes, now)
+            .map_err(|e| e.context(format!("snapshot of {processor} from {from}")))?;
+        if &snapshot.meta.processor != processor {
+            return Err(Error::invalid(format!(
+                "snapshot fetched from {from} of {processor} names processor {}",
+                snapshot.meta.processor
+            )));
+        }
+        // The header keeps the epoch that took the snapshot; the store files it as the new
+        // owner's first checkpoint.
+        snapshot.meta.epoch = to;
+        let lease = self.inner.settings.planner.lease;
+        self.call(
+            "commit move",
+            self.inner
+                .backends
+                .store
+                .commit_move(from, &snapshot, lease, self.term),
+        )
+        .await
+    }
+
+    /// Whether ownership has moved to `epoch`; `None` when the store cannot tell us.
+    async fn committed_to(&self, processor: &ProcessorId, epoch: Epoch) -> Option<bool> {
+        match self
+            .call(
+                "read ownership",
+                self.inner.backends.store.ownership(processor),
+            )
+            .await
+        {
+            Ok(row) => Some(row.and_then(|r| r.owner) == Some(epoch)),
+            Err(_) => None,
+        }
+    }
+}
+
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::Start { .. } => "start",
+        Action::Move { .. } => "move",
+        Action::Evacuate { .. } => "evacuate",
+        Action::RollBack { .. } => "roll-back",
+        Action::RollForward { .. } => "roll-forward",
+        Action::Resume { .. } => "resume",
+        Action::Terminate { .. } => "terminate",
+        Action::Release { .. } => "release",
+        Action::Forget { .. } => "forget",
+        Action::MarkFailed { .. } => "mark-failed",
+    }
+}
+
+/// Where a make-before-break move stands. Steps before [`MoveStep::Commit`] roll back on
+/// failure; the commit and the steps after it roll forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum MoveStep {
+    /// Claim the replacement's epoch.
+    Claim,
+    /// Launch the replacement in standby.
+    Launch,
+    /// Wait until the replacement is healthy in standby.
+    AwaitStandby,
+    /// Freeze the old instance at a safe point.
+    Freeze,
+    /// Fetch the frozen snapshot.
+    Fetch,
+    /// Load it into the replacement.
+    Load,
+    /// Commit: ownership and snapshot, atomically, conditional on the term.
+    Commit,
+    /// Resume the replacement.
+    Resume,
+    /// Terminate the old instance.
+    TerminateOld,
+    /// Finished.
+    Done,
+}
+
+struct MoveOp<'a> {
+    op: &'a Op,
+    processor: ProcessorId,
+    old: Instance,
+    to: NodeId,
+    step: MoveStep,
+    epoch: Option<Epoch>,
+    replacement: Option<Instance>,
+    snapshot: Option<Vec<u8>>,
+    frozen_at: Option<crate::model::Timestamp>,
+    pause_ms: u64,
+}
+
+impl<'a> MoveOp<'a> {
+    fn new(op: &'a Op, processor: ProcessorId, old: Instance, to: NodeId) -> Self {
+        MoveOp {
+            op,
+            processor,
+            old,
+            to,
+            step: MoveStep::Claim,
+            epoch: None,
+            replacement: None,
+            snapshot: None,
+            frozen_at: None,
+            pause_ms: 0,
+        }
+    }
+
+    async fn run(mut self) -> Result<Outcome> {
+        let span = tracing::info_span!("move", processor.id = %self.processor, epoch = self.old.epoch.0, node = %self.to);
+        async {
+            while self.step != MoveStep::Done {
+                let step = self.step;
+                if let Err(e) = self.advance().await {
+                    tracing::warn!(target: "dory::orchestrator", ?step, error = %e, "move step failed");
+                    return Err(self.recover(step, e).await);
+                }
+            }
+            let to = self.epoch.unwrap_or_default();
+            self.op.inner.emit(
+                Some(&self.processor),
+                EventKind::Moved {
+                    from: self.old.epoch,
+                    to,
+                    node: self.to.clone(),
+                    pause_ms: self.pause_ms,
+                },
+            );
+            Ok(Outcome::Moved {
+                pause_ms: self.pause_ms,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn fault(&self) -> PlantedFault {
+        self.op.inner.fault
+    }
+
+    fn replacement(&self) -> Result<&Instance> {
+        self.replacement
+            .as_ref()
+            .ok_or_else(|| Error::not_found("replacement instance"))
+    }
+
+    /// Performs the current step and moves to the next.
+    async fn advance(&mut self) -> Result<()> {
+        let op = self.op;
+        let p = &self.processor;
+        self.step = match self.step {
+            MoveStep::Claim => {
+                let store = &op.inner.backends.store;
+                self.epoch = Some(
+                    op.call("claim epoch", store.claim_epoch(p, op.term))
+                        .await?,
+                );
+                MoveStep::Launch
+            }
+            MoveStep::Launch => {
+                let epoch = self.epoch.unwrap_or_default();
+                op.launch(p, epoch, &self.to, LaunchMode::Standby).await?;
+                MoveStep::AwaitStandby
+            }
+            MoveStep::AwaitStandby => {
+                let epoch = self.epoch.unwrap_or_default();
+                let ready = op
+                    .wait_for(p, epoch, op.inner.settings.start_timeout, "standby", |i| {
+                        i.is_some_and(|i| i.phase == Phase::Standby && i.endpoint.is_some())
+                    })
+                    .await?;
+                self.replacement = ready;
+                MoveStep::Freeze
+            }
+            MoveStep::Freeze => {
+                self.frozen_at = Some(op.inner.backends.clock.now());
+                if self.fault() == PlantedFault::SkipFreeze {
+                    return {
+                        self.step = MoveStep::Fetch;
+                        Ok(())
+                    };
+                }
+                op.call(
+                    "freeze",
+                    op.ctl().freeze(&self.old, op.inner.settings.freeze_timeout),
+                )
+                .await?;
+                MoveStep::Fetch
+            }
+            MoveStep::Fetch => {
+                self.snapshot = Some(op.call("fetch snapshot", op.ctl().fetch(&self.old)).await?);
+                MoveStep::Load
+            }
+            MoveStep::Load => {
+                let bytes = self.snapshot.as_deref().unwrap_or_default();
+                op.call("load snapshot", op.ctl().load(self.replacement()?, bytes))
+                    .await?;
+                if self.fault() == PlantedFault::ResumeBeforeCommit {
+                    op.call("resume replacement", op.ctl().resume(self.replacement()?))
+                        .await?;
+                }
+                MoveStep::Commit
+            }
+            MoveStep::Commit => {
+                let bytes = self.snapshot.take().unwrap_or_default();
+                let epoch = self.epoch.unwrap_or_default();
+                op.commit(p, self.old.epoch, epoch, bytes).await?;
+                MoveStep::Resume
+            }
+            MoveStep::Resume => {
+                op.call("resume replacement", op.ctl().resume(self.replacement()?))
+                    .await?;
+                if let Some(frozen_at) = self.frozen_at {
+                    self.pause_ms =
+                        op.inner.backends.clock.now().since(frozen_at).as_millis() as u64;
+                }
+                MoveStep::TerminateOld
+            }
+            MoveStep::TerminateOld => {
+                op.terminate(p, self.old.epoch).await?;
+                MoveStep::Done
+            }
+            MoveStep::Done => MoveStep::Done,
+        };
+        Ok(())
+    }
+
+    /// A step failed: roll back before the commit, leave the rest to the next round after it.
+    async fn recover(&mut self, failed: MoveStep, error: Error) -> Error {
+        let op = self.op;
+        let committed = match failed {
+            s if s < MoveStep::Commit => false,
+            MoveStep::Commit => {
+                // The commit may have taken effect even though the call failed (a lost
+                // answer): only the ownership row can tell.
+                match op
+                    .committed_to(&self.processor, self.epoch.unwrap_or_default())
+                    .await
+                {
+                    Some(c) => c,
+                    None => return error, // unknown: the next round decides from the row
+                }
+            }
+            _ => true,
+        };
+        if committed && self.fault() != PlantedFault::RollBackAfterCommit {
+            // Roll forward is what the next round's planner does (RollForward); doing nothing
+            // here keeps one place for it.
+            return error;
+        }
+        if let Some(epoch) = self.epoch
+            && failed > MoveStep::Launch
+            && let Err(e) = op.remove_and_confirm(&self.processor, epoch).await
+        {
+            // The replacement may still be alive: resuming the old one now could make two
+            // writers. Leave both for the next round's RollBack.
+            return e.context(format!("roll back after: {error}"));
+        } else if let Some(epoch) = self.epoch
+            && failed == MoveStep::Launch
+        {
+            // The launch may have gone through even though the call failed.
+            if let Err(e) = op.remove_and_confirm(&self.processor, epoch).await {
+                return e.context(format!("roll back after: {error}"));
+            }
+        }
+        if failed >= MoveStep::Freeze
+            && let Err(e) = op
+                .call("resume old instance", op.ctl().resume(&self.old))
+                .await
+        {
+            return e.context(format!("roll back after: {error}"));
+        }
+        op.inner.emit(
+            Some(&self.processor),
+            EventKind::RolledBack {
+                owner: self.old.epoch,
+                replacement: self.epoch.unwrap_or_default(),
+                error: error.to_string(),
+            },
+        );
+        error
+    }
+}

@@ -323,9 +323,10 @@ impl Encoder {
         out.resize(header_len, 0);
         let mut cursor = Cursor::new(out);
         cursor.set_position(header_len as u64);
-        let compressed_len = zstd::bulk::Compressor::new(self.level)
-            .and_then(|mut zstd| zstd.compress_to_buffer(body, &mut cursor))
-            .map_err(|e| header.invalid(format!("zstd compression failed: {e}")))?;
+        let compressed_len = with_compressor(self.level, |zstd| {
+            zstd.compress_to_buffer(body, &mut cursor)
+        })
+        .map_err(|e| header.invalid(format!("zstd compression failed: {e}")))?;
         let mut out = cursor.into_inner();
         header.compressed_len = compressed_len as u64;
         header.write(&mut out[..header_len]);
@@ -551,9 +552,8 @@ fn decompress(header: &SnapshotHeader, body: &[u8], limits: &Limits) -> Result<V
     })?;
     // zstd never writes past the buffer's capacity, so a body that decompresses to more than
     // the header claims fails here instead of growing the buffer.
-    let written = zstd::bulk::Decompressor::new()
-        .and_then(|mut zstd| zstd.decompress_to_buffer(body, &mut out))
-        .map_err(|e| {
+    let written =
+        with_decompressor(|zstd| zstd.decompress_to_buffer(body, &mut out)).map_err(|e| {
             header.invalid(format!(
                 "body does not decompress within the {raw_len} bytes the header claims: {e}"
             ))
@@ -564,6 +564,51 @@ fn decompress(header: &SnapshotHeader, body: &[u8], limits: &Limits) -> Result<V
         )));
     }
     Ok(out)
+}
+
+thread_local! {
+    // Creating a zstd context costs more than compressing a small snapshot, and checkpoints
+    // are frequent: each thread keeps one compressor (with its level) and one decompressor.
+    // zstd resets a context at every frame, so reuse never changes the output.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's compressor at `level`.
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(std::io::Error::other)?;
+        match slot.as_mut() {
+            Some((current, zstd)) if *current == level => f(zstd),
+            _ => {
+                let mut zstd = zstd::bulk::Compressor::new(level)?;
+                let result = f(&mut zstd);
+                *slot = Some((level, zstd));
+                result
+            }
+        }
+    })
+}
+
+/// Runs `f` with this thread's decompressor.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(std::io::Error::other)?;
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(zstd) => f(zstd),
+            None => Err(std::io::Error::other("no zstd decompressor")),
+        }
+    })
 }
 
 /// Reads a u16 at `at`; callers have checked that the bytes are present.

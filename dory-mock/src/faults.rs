@@ -422,11 +422,13 @@ impl<S: StatusSink> StatusSink for Faulty<S> {
 #[async_trait]
 impl<P: Publisher> Publisher for Faulty<P> {
     async fn publish(&self, message: OutputMessage) -> Result<()> {
-        let id = message.message_id();
+        // The id is only formatted when a fault is injected: publishing is a hot path.
+        let (processor, epoch, sequence) =
+            (message.processor.clone(), message.epoch, message.sequence);
         self.switch
             .run(
                 PUBLISHER,
-                || format!("publish of {id}"),
+                || format!("publish of {processor}:{}:{}", epoch.0, sequence.0),
                 self.inner.publish(message),
             )
             .await

@@ -388,8 +388,10 @@ impl Leader {
             let window = spec.restart.crash_loop_window;
             history.recent_failures.retain(|t| now.since(*t) < window);
         }
+        let present: BTreeSet<(&ProcessorId, Epoch)> =
+            instances.iter().map(|i| (&i.processor, i.epoch)).collect();
         self.counted_failures
-            .retain(|(p, e)| instances.iter().any(|i| &i.processor == p && i.epoch == *e));
+            .retain(|(p, e)| present.contains(&(p, *e)));
     }
 
     async fn write_status(

@@ -20,9 +20,36 @@ pub(super) fn jitter(processor: &ProcessorId, attempt: u32, max: Duration) -> Du
 
 /// Whether two statuses differ in anything but the time they were written.
 pub(super) fn same(a: &ProcessorStatus, b: &ProcessorStatus) -> bool {
-    let mut b = b.clone();
-    b.updated_at = a.updated_at;
-    *a == b
+    // Destructured so that a field added to the status cannot be forgotten here.
+    let ProcessorStatus {
+        processor,
+        phase,
+        node,
+        site,
+        epoch,
+        last_checkpoint,
+        last_checkpoint_at,
+        last_move_at,
+        last_move_pause_ms,
+        restarts,
+        recent_failures,
+        last_error,
+        spec_revision,
+        updated_at: _,
+    } = a;
+    *processor == b.processor
+        && *phase == b.phase
+        && *node == b.node
+        && *site == b.site
+        && *epoch == b.epoch
+        && *last_checkpoint == b.last_checkpoint
+        && *last_checkpoint_at == b.last_checkpoint_at
+        && *last_move_at == b.last_move_at
+        && *last_move_pause_ms == b.last_move_pause_ms
+        && *restarts == b.restarts
+        && *recent_failures == b.recent_failures
+        && *last_error == b.last_error
+        && *spec_revision == b.spec_revision
 }
 
 /// Builds the status of every desired, invalid or still-present processor.

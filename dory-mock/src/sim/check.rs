@@ -117,7 +117,12 @@ impl Checker {
     ) {
         self.publishes += 1;
         let mut found = Vec::new();
-        let out = self.outputs.entry(processor.clone()).or_default();
+        if !self.outputs.contains_key(processor) {
+            self.outputs.insert(processor.clone(), Output::default());
+        }
+        let Some(out) = self.outputs.get_mut(processor) else {
+            return;
+        };
         let expected = out.expected(processor, seq);
         if value != expected {
             found.push(format!(
@@ -192,7 +197,12 @@ impl Checker {
         committed: (Epoch, Sequence),
         now: Timestamp,
     ) {
-        let out = self.outputs.entry(processor.clone()).or_default();
+        if !self.outputs.contains_key(processor) {
+            self.outputs.insert(processor.clone(), Output::default());
+        }
+        let Some(out) = self.outputs.get_mut(processor) else {
+            return;
+        };
         let before = out.committed;
         if let Some(prev) = before
             && (committed.1 < prev.1 || committed.0 < prev.0)

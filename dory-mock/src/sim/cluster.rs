@@ -47,9 +47,7 @@ impl CounterState {
 /// The processor's input at step `seq`: a fixed function, so the expected output of every
 /// step is known and a lost or repeated step shows up in the output.
 pub fn input(processor: &ProcessorId, seq: u64) -> u64 {
-    let mut key = processor.as_str().as_bytes().to_vec();
-    key.extend_from_slice(&seq.to_le_bytes());
-    xxhash_rust::xxh3::xxh3_64(&key) % 1000
+    xxhash_rust::xxh3::xxh3_64_with_seed(processor.as_str().as_bytes(), seq) % 1000
 }
 
 /// Timing of the simulated instances.

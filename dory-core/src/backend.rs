@@ -175,8 +175,10 @@ pub trait InstanceControl: Send + Sync + 'static {
 ///   idempotent: repeating the put of the committed checkpoint (same epoch, sequence and
 ///   bytes, e.g. after a lost answer) succeeds and renews the lease again.
 /// - [`assign_owner`](StateStore::assign_owner) moves ownership from `expected` to a claimed
-///   epoch above it (compare-and-swap on the current owner); waiting out the old owner's
-///   lease is the caller's duty.
+///   epoch above it (compare-and-swap on the current owner), and only once the current
+///   owner's lease has run out in the store's clock, checked in the same atomic step
+///   ([`Conflict`](crate::Error::Conflict) otherwise): a cut-off owner may renew its lease
+///   between the orchestrator's look and its write.
 /// - [`commit_move`](StateStore::commit_move) moves ownership from `from` to the snapshot's
 ///   epoch **and** stores the snapshot as that epoch's first checkpoint in one atomic step:
 ///   this is the commit point of a move. A snapshot older than the committed checkpoint is

@@ -317,6 +317,18 @@ impl StateStore for MemoryStore {
                 show(row.owner)
             )));
         }
+        // Checked here, in the same step as the swap and in the store's clock: a cut-off
+        // owner whose lease was still running when the orchestrator looked may have
+        // renewed it since.
+        if expected.is_some()
+            && let Some(expires) = row.lease_expires
+            && expires > now
+        {
+            return Err(Error::conflict(format!(
+                "{what} of processor {processor} to epoch {epoch}: the lease of {} runs until {expires}",
+                show(expected)
+            )));
+        }
         row.check_new_owner(processor, epoch, what)?;
         row.owner = Some(epoch);
         row.newest_owner = epoch;

@@ -109,7 +109,8 @@ pub enum PlantedFault {
     /// after its state was captured).
     SkipFreeze,
     /// Fail over as soon as a node is not ready, without waiting for the lost-node grace period
-    /// or the old owner's lease (a cut-off instance may still be writing).
+    /// or the old owner's lease (a cut-off instance may still be writing). The store refuses
+    /// to hand ownership on before the lease has run out, so this one is stopped there.
     FailoverWithoutWaiting,
     /// After a failure past the commit, roll back instead of forward (the old, fenced instance
     /// is resumed).

@@ -85,7 +85,7 @@ impl Op {
             } => {
                 self.remove_and_confirm(&processor, replacement).await?;
                 let owner = self.instance(owner)?;
-                self.call("resume owner", self.ctl().resume(&owner)).await?;
+                self.resume_owner(&owner, "resume owner").await?;
                 self.inner.emit(
                     Some(&processor),
                     EventKind::RolledBack {
@@ -102,7 +102,7 @@ impl Op {
                 old,
             } => {
                 let owner = self.instance(owner)?;
-                self.call("resume owner", self.ctl().resume(&owner)).await?;
+                self.resume_owner(&owner, "resume owner").await?;
                 self.terminate(&processor, old).await?;
                 self.inner.emit(
                     Some(&processor),
@@ -115,7 +115,7 @@ impl Op {
             }
             Action::Resume { epoch, .. } => {
                 let owner = self.instance(epoch)?;
-                self.call("resume", self.ctl().resume(&owner)).await?;
+                self.resume_owner(&owner, "resume").await?;
                 Ok(Outcome::Done)
             }
             Action::Terminate {
@@ -281,12 +281,7 @@ impl Op {
         self.wait_for(processor, epoch, wait, "gone", |i| {
             i.is_none_or(|i| i.phase.is_gone())
         })
-        .await
-        .or_else(|e| match e {
-            // A failed instance is gone too.
-            Error::Unavailable(m) if m.contains("failed while waiting") => Ok(None),
-            e => Err(e),
-        })?;
+        .await?;
         self.call(
             "forget instance",
             self.inner.backends.placement.forget(processor, epoch),
@@ -379,24 +374,20 @@ impl Op {
             Ok(bytes) => bytes,
             Err(e) => {
                 // Not committed: the old instance keeps the processor.
-                let _ = self
-                    .call("resume after failed freeze", self.ctl().resume(&old))
-                    .await;
+                let _ = self.resume_owner(&old, "resume after failed freeze").await;
                 return Err(e);
             }
         };
-        match self.commit(processor, from, epoch, bytes).await {
-            Ok(()) => {}
-            Err(e) if self.committed_to(processor, epoch).await == Some(true) => {
-                tracing::warn!(target: "dory::orchestrator", error = %e, "commit reported an error but took effect");
-            }
-            Err(e) => {
-                if self.committed_to(processor, epoch).await == Some(false) {
-                    let _ = self
-                        .call("resume after failed commit", self.ctl().resume(&old))
-                        .await;
+        if let Err(e) = self.commit(processor, from, epoch, bytes).await {
+            match self.commit_state(processor, from, epoch).await {
+                CommitState::Committed => {
+                    tracing::warn!(target: "dory::orchestrator", error = %e, "commit reported an error but took effect");
                 }
-                return Err(e);
+                CommitState::NotCommitted => {
+                    let _ = self.resume_owner(&old, "resume after failed commit").await;
+                    return Err(e);
+                }
+                CommitState::Unknown => return Err(e),
             }
         }
         self.terminate(processor, from).await?;
@@ -446,18 +437,49 @@ impl Op {
         .await
     }
 
-    /// Whether ownership has moved to `epoch`; `None` when the store cannot tell us.
-    async fn committed_to(&self, processor: &ProcessorId, epoch: Epoch) -> Option<bool> {
-        match self
+    /// Where a move from `from` to `to` stands, read from the ownership row. Anything but
+    /// "owned by `to`" or "still owned by `from`" (another leader moved it meanwhile, or the
+    /// store cannot be read) is unknown, and unknown means: touch nothing.
+    async fn commit_state(&self, processor: &ProcessorId, from: Epoch, to: Epoch) -> CommitState {
+        let row = self
             .call(
                 "read ownership",
                 self.inner.backends.store.ownership(processor),
             )
-            .await
-        {
-            Ok(row) => Some(row.and_then(|r| r.owner) == Some(epoch)),
-            Err(_) => None,
+            .await;
+        match row.map(|r| r.and_then(|r| r.owner)) {
+            Ok(Some(owner)) if owner == to => CommitState::Committed,
+            Ok(Some(owner)) if owner == from => CommitState::NotCommitted,
+            _ => CommitState::Unknown,
         }
+    }
+
+    /// Resumes `instance` only while this leader's term is current and the store still shows
+    /// the instance as the owner. Instance calls are not fenced by the term, so a deposed
+    /// leader, or one acting on a stale observation, must not wake an instance that another
+    /// leader has moved away from.
+    async fn resume_owner(&self, instance: &Instance, what: &str) -> Result<()> {
+        self.call(
+            "confirm leadership",
+            self.inner.backends.leadership.check(self.term),
+        )
+        .await?;
+        let owner = self
+            .call(
+                "read ownership",
+                self.inner.backends.store.ownership(&instance.processor),
+            )
+            .await?
+            .and_then(|r| r.owner);
+        if owner != Some(instance.epoch) {
+            return Err(Error::conflict(format!(
+                "{what}: {} of {} no longer owns the processor (owner {}); not resuming it",
+                instance.epoch,
+                instance.processor,
+                owner.map_or("none".to_string(), |e| e.to_string())
+            )));
+        }
+        self.call(what, self.ctl().resume(instance)).await
     }
 }
 
@@ -474,6 +496,17 @@ fn action_name(action: &Action) -> &'static str {
         Action::Forget { .. } => "forget",
         Action::MarkFailed { .. } => "mark-failed",
     }
+}
+
+/// What the ownership row says about a move whose commit call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitState {
+    /// The new epoch owns the processor: roll forward.
+    Committed,
+    /// The old epoch still owns it: roll back.
+    NotCommitted,
+    /// Neither, or unreadable: leave it to the next round.
+    Unknown,
 }
 
 /// Where a make-before-break move stands. Steps before [`MoveStep::Commit`] roll back on
@@ -658,12 +691,12 @@ impl<'a> MoveOp<'a> {
             MoveStep::Commit => {
                 // The commit may have taken effect even though the call failed (a lost
                 // answer): only the ownership row can tell.
-                match op
-                    .committed_to(&self.processor, self.epoch.unwrap_or_default())
-                    .await
-                {
-                    Some(c) => c,
-                    None => return error, // unknown: the next round decides from the row
+                let to = self.epoch.unwrap_or_default();
+                match op.commit_state(&self.processor, self.old.epoch, to).await {
+                    CommitState::Committed => true,
+                    CommitState::NotCommitted => false,
+                    // Unknown: the next round decides from the row.
+                    CommitState::Unknown => return error,
                 }
             }
             _ => true,
@@ -688,12 +721,16 @@ impl<'a> MoveOp<'a> {
                 return e.context(format!("roll back after: {error}"));
             }
         }
-        if failed >= MoveStep::Freeze
-            && let Err(e) = op
-                .call("resume old instance", op.ctl().resume(&self.old))
-                .await
-        {
-            return e.context(format!("roll back after: {error}"));
+        if failed >= MoveStep::Freeze {
+            let resumed = if self.fault() == PlantedFault::RollBackAfterCommit {
+                op.call("resume old instance", op.ctl().resume(&self.old))
+                    .await
+            } else {
+                op.resume_owner(&self.old, "resume old instance").await
+            };
+            if let Err(e) = resumed {
+                return e.context(format!("roll back after: {error}"));
+            }
         }
         op.inner.emit(
             Some(&self.processor),

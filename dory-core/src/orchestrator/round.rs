@@ -74,12 +74,17 @@ struct Leader {
     inner: Arc<Inner>,
     term: Term,
     ops: JoinSet<OpResult>,
+    /// Which processor each operation task serves, so that a task that panicked still frees
+    /// its processor (looked up by task id, never iterated).
+    tasks: std::collections::HashMap<tokio::task::Id, ProcessorId>,
     busy: BTreeMap<ProcessorId, bool>,
     retry: BTreeMap<ProcessorId, (u32, Timestamp, String)>,
     history: BTreeMap<ProcessorId, RestartHistory>,
     counted_failures: BTreeSet<(ProcessorId, Epoch)>,
     moves: BTreeMap<ProcessorId, (Timestamp, u64)>,
     written: BTreeMap<String, ProcessorStatus>,
+    /// Set until the first round has run: crashes seen then were counted by a former leader.
+    first_round: bool,
 }
 
 impl Leader {
@@ -88,6 +93,8 @@ impl Leader {
             inner,
             term,
             ops: JoinSet::new(),
+            tasks: std::collections::HashMap::new(),
+            first_round: true,
             busy: BTreeMap::new(),
             retry: BTreeMap::new(),
             history: BTreeMap::new(),
@@ -105,7 +112,8 @@ impl Leader {
         let Some(sink) = &self.inner.backends.status else {
             return;
         };
-        let statuses = match sink.read().await {
+        let read = bounded(self.inner.settings.call_timeout, "read status", sink.read()).await;
+        let statuses = match read {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(target: "dory::orchestrator", error = %e, "cannot read status; restart history starts empty");
@@ -149,7 +157,13 @@ impl Leader {
             let clock = self.inner.backends.clock.clone();
             let mut wake = clock.now().plus(self.inner.settings.resync_interval);
             if !stopping {
-                match self.inner.backends.leadership.check(self.term).await {
+                let checked = bounded(
+                    self.inner.settings.call_timeout,
+                    "confirm leadership",
+                    self.inner.backends.leadership.check(self.term),
+                )
+                .await;
+                match checked {
                     Err(Error::Fenced(_)) => {
                         // Our writes would be refused anyway; stop acting at once.
                         self.ops.abort_all();
@@ -175,7 +189,7 @@ impl Leader {
             tokio::select! {
                 biased;
                 _ = &mut *shutdown, if !stopping => stopping = true,
-                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => self.finished(done),
+                Some(done) = self.ops.join_next_with_id(), if !self.ops.is_empty() => self.finished(done),
                 _ = config_changes.changed(), if !stopping => {}
                 _ = placement_changes.changed(), if !stopping => {}
                 _ = tokio::time::sleep(sleep_for) => {}
@@ -183,13 +197,24 @@ impl Leader {
         }
     }
 
-    fn finished(&mut self, done: std::result::Result<OpResult, tokio::task::JoinError>) {
+    fn finished(
+        &mut self,
+        done: std::result::Result<(tokio::task::Id, OpResult), tokio::task::JoinError>,
+    ) {
         let (processor, result) = match done {
-            Ok((processor, _, result)) => (processor, result),
+            Ok((id, (processor, _, result))) => {
+                self.tasks.remove(&id);
+                (processor, result)
+            }
             Err(e) => {
-                // A panicking operation is a bug; its processor stays busy-free and is retried.
+                // A panicking operation is a bug: report it, free its processor and retry it
+                // with backoff like any failed operation.
                 tracing::error!(target: "dory::orchestrator", error = %e, "operation task failed");
-                return;
+                let Some(processor) = self.tasks.remove(&e.id()) else {
+                    return;
+                };
+                let error = Error::unavailable(format!("operation task failed: {e}"));
+                (processor, Err(error))
             }
         };
         self.busy.remove(&processor);
@@ -240,7 +265,7 @@ impl Leader {
     /// again at the latest.
     async fn round(&mut self) -> Option<Timestamp> {
         let b = &self.inner.backends;
-        let observed = async {
+        let observed = bounded(self.inner.settings.call_timeout, "observe", async {
             let desired = b
                 .config
                 .desired()
@@ -262,7 +287,7 @@ impl Leader {
                 .await
                 .map_err(|e| e.context("read ownership"))?;
             Ok::<_, Error>((desired, nodes, instances, ownership))
-        }
+        })
         .await;
         let now = b.clock.now();
         let (desired, nodes, instances, ownership) = match observed {
@@ -280,6 +305,7 @@ impl Leader {
             }
         };
         self.update_history(&desired, &nodes, &instances, &ownership, now);
+        self.first_round = false;
         let mut observed = Observed {
             nodes,
             instances,
@@ -328,8 +354,11 @@ impl Leader {
             };
             let is_move = action.is_move();
             self.busy.insert(processor.clone(), is_move);
-            self.ops
-                .spawn(async move { (processor, is_move, op.run().await) });
+            let task = processor.clone();
+            let handle = self
+                .ops
+                .spawn(async move { (task, is_move, op.run().await) });
+            self.tasks.insert(handle.id(), processor);
         }
         let status = self.write_status(&desired, &observed, &plan, now).await;
         self.inner.view.send_replace(Arc::new(View {
@@ -376,7 +405,9 @@ impl Leader {
                 _ => false,
             };
             let key = (instance.processor.clone(), instance.epoch);
-            if owns && crashed && self.counted_failures.insert(key) {
+            // A crash already on record when this leader took over was counted by the leader
+            // before it (the history comes from the status it wrote).
+            if owns && crashed && self.counted_failures.insert(key) && !self.first_round {
                 history.recent_failures.push(now);
             }
             if owns
@@ -426,7 +457,7 @@ impl Leader {
                 .filter(|p| !statuses.contains_key(*p))
                 .cloned()
                 .collect();
-            let result = async {
+            let result = bounded(self.inner.settings.call_timeout, "write status", async {
                 if !changed.is_empty() {
                     sink.upsert(&changed).await?;
                 }
@@ -434,7 +465,7 @@ impl Leader {
                     sink.remove(&gone).await?;
                 }
                 Ok::<_, Error>(())
-            }
+            })
             .await;
             match result {
                 Ok(()) => self.written = statuses.clone(),
@@ -444,5 +475,20 @@ impl Leader {
             }
         }
         statuses
+    }
+}
+
+/// Runs a call of the leader's own (observation, leadership, status) with a timeout, so one
+/// backend that hangs cannot keep the leader from noticing it was deposed or asked to stop.
+async fn bounded<T>(
+    timeout: Duration,
+    what: &str,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::unavailable(format!(
+            "{what}: no answer within {timeout:?}"
+        ))),
     }
 }

@@ -605,9 +605,9 @@ impl<'a> Planner<'a> {
                 );
             }
         }
-        // A crashed instance may be cut off rather than dead; one that exited said so itself.
-        if matches!(instance.phase, Phase::Failed { .. })
-            && let Some(at) = self.lease_end(row)
+        // The store hands ownership on only once the old lease has run out (a crashed instance
+        // may be cut off rather than dead), so a restart waits for it too.
+        if let Some(at) = self.lease_end(row)
             && at > ready_at
         {
             ready_at = at;

@@ -825,10 +825,12 @@ fn rule_5_backoff_lease_and_breaker() {
         .waits("p", "lease")
         .wakes(Some(NOW + 12_000)),
         case(
-            "exited: no lease wait",
+            "exited: waits for the lease too (the store refuses to hand it on before)",
             ended(exited(1), Some(NOW + 10_000)).history("p", history(0, &[NOW - 5_000])),
-            restart.clone(),
-        ),
+            vec![],
+        )
+        .waits("p", "lease")
+        .wakes(Some(NOW + 12_000)),
         case(
             "crash loop: mark failed",
             ended(exited(3), None).history(

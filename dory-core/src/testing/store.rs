@@ -194,6 +194,10 @@ pub async fn assign_owner_is_compare_and_swap(store: &dyn StateStore, term: Term
     refused(&p, "assign_owner to an epoch not above the owner", r);
     probe.unchanged(&before, "a refused assign_owner").await;
 
+    let r = store.assign_owner(&p, Some(e1), e2, LEASE, term).await;
+    conflict(&p, "assign_owner(e1 -> e2) while e1's lease runs", r);
+    probe.unchanged(&before, "a refused assign_owner").await;
+    expire_lease(store, &p, e1).await;
     ok(
         &p,
         "assign_owner(e1 -> e2)",
@@ -211,6 +215,7 @@ pub async fn assign_owner_is_compare_and_swap(store: &dyn StateStore, term: Term
 
     let e3 = ok(&p, "claim_epoch", store.claim_epoch(&p, term).await);
     let e4 = ok(&p, "claim_epoch", store.claim_epoch(&p, term).await);
+    expire_lease(store, &p, e2).await;
     let (r3, r4) = tokio::join!(
         store.assign_owner(&p, Some(e2), e3, LEASE, term),
         store.assign_owner(&p, Some(e2), e4, LEASE, term),
@@ -441,6 +446,7 @@ pub async fn renew_lease_is_fenced(store: &dyn StateStore, term: Term) {
     );
     probe.unchanged(&before, "a fenced renew_lease").await;
 
+    expire_lease(store, &p, e1).await;
     ok(
         &p,
         "assign_owner(e1 -> e2)",
@@ -847,6 +853,7 @@ pub async fn term_fencing(store: &dyn StateStore, leadership: &dyn Leadership, t
         "renew_lease (no term) after a term change",
         store.renew_lease(&p, e1, LEASE).await.map(drop),
     );
+    expire_lease(store, &p, e1).await;
     ok(
         &p,
         "assign_owner with the new term",
@@ -932,6 +939,20 @@ pub(crate) async fn acquire(leadership: &dyn Leadership) -> Term {
 }
 
 /// Claims the first epoch of `p` and makes it the owner.
+/// Lets `epoch`'s lease run out: renewed to a millisecond, then waited out (on tokio's clock,
+/// so a paused test runtime advances it; a real store's clock moves on its own).
+async fn expire_lease(store: &dyn StateStore, p: &ProcessorId, epoch: Epoch) {
+    ok(
+        p,
+        "renew_lease to 1 ms (to let it run out)",
+        store
+            .renew_lease(p, epoch, Duration::from_millis(1))
+            .await
+            .map(drop),
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
 async fn owned(store: &dyn StateStore, p: &ProcessorId, term: Term) -> Epoch {
     let e = ok(p, "claim_epoch", store.claim_epoch(p, term).await);
     ok(

@@ -10,13 +10,28 @@
 //! once. Every decision point is ordered (`BTreeMap`s, biased `select!`s, simulated time),
 //! so a seed's trace is the same byte for byte on every run: [`SimReport::trace_hash`].
 //!
-//! ```
-//! use dory_mock::sim::{SimConfig, run_seed};
+//! A seeded simulation of your own policy (the orchestrator's settings) and your own
+//! [`ConfigSource`] — here one that runs only the even-numbered processors, as a sharding
+//! control plane might — takes a few lines:
 //!
-//! let config = SimConfig { steps: 300, ..SimConfig::default() };
-//! let report = run_seed(&config, 7);
-//! assert!(report.violations.is_empty(), "{}", report.replay_command());
-//! assert_eq!(report.trace_hash, run_seed(&config, 7).trace_hash);
+//! ```
+//! use std::sync::Arc;
+//!
+//! use dory_core::ConfigSource;
+//! use dory_mock::MemoryConfig;
+//! use dory_mock::sim::{ConfigFactory, SimConfig, run_seed};
+//!
+//! let mut config = SimConfig { steps: 300, quiet_steps: 150, ..SimConfig::default() };
+//! config.settings.planner.max_concurrent_moves = 2; // the policy under test
+//! config.config_source = Some(ConfigFactory::new(|specs| {
+//!     let even = specs.into_iter().step_by(2);
+//!     Arc::new(MemoryConfig::with_processors(even)) as Arc<dyn ConfigSource>
+//! }));
+//! for seed in 0..3 {
+//!     let report = run_seed(&config, seed);
+//!     assert!(report.passed(), "{:?}\nreplay: {}", report.violations, report.replay_command());
+//!     assert_eq!(report.trace_hash, run_seed(&config, seed).trace_hash);
+//! }
 //! ```
 
 mod check;
@@ -134,6 +149,30 @@ pub struct SimConfig {
     pub timing: InstanceTiming,
     /// Keep the full trace in the report (for debugging a seed).
     pub keep_trace: bool,
+    /// Your own [`ConfigSource`] under test, made from the scenario's processors; `None`
+    /// uses a [`MemoryConfig`] of them all.
+    pub config_source: Option<ConfigFactory>,
+}
+
+/// Makes the [`ConfigSource`] of one simulation run from the scenario's processor specs.
+#[derive(Clone)]
+pub struct ConfigFactory(
+    pub Arc<dyn Fn(Vec<ProcessorSpec>) -> Arc<dyn ConfigSource> + Send + Sync>,
+);
+
+impl ConfigFactory {
+    /// Wraps a function that builds a config source from the scenario's processors.
+    pub fn new(
+        f: impl Fn(Vec<ProcessorSpec>) -> Arc<dyn ConfigSource> + Send + Sync + 'static,
+    ) -> Self {
+        ConfigFactory(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for ConfigFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigFactory(..)")
+    }
 }
 
 impl Default for SimConfig {
@@ -175,6 +214,7 @@ impl Default for SimConfig {
                 lease,
             },
             keep_trace: false,
+            config_source: None,
         }
     }
 }
@@ -226,7 +266,15 @@ pub fn run_seed(config: &SimConfig, seed: u64) -> SimReport {
         .start_paused(true)
         .build()
         .expect("a current-thread runtime builds");
-    runtime.block_on(Simulation::new(config.clone(), seed).run())
+    let config = config.clone();
+    runtime.block_on(async move {
+        // Everything reads time inside the paused runtime, starting on a timer tick: the
+        // origin of the simulated clock must not come from the real clock (outside the
+        // runtime) nor sit between two ticks, or load on the machine would shift the
+        // millisecond timestamps and with them the trace.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Simulation::new(config, seed).run().await
+    })
 }
 
 enum Recovery {
@@ -247,7 +295,7 @@ struct Simulation {
     store: MemoryStore,
     store_faults: FaultSwitch,
     broker_faults: FaultSwitch,
-    config_source: Arc<MemoryConfig>,
+    config_source: Arc<dyn ConfigSource>,
     status: Arc<MemoryStatus>,
     cluster: Arc<SimCluster>,
     checker: Arc<Mutex<Checker>>,
@@ -324,7 +372,10 @@ impl Simulation {
             };
             specs.push(spec);
         }
-        let config_source = Arc::new(MemoryConfig::with_processors(specs));
+        let config_source: Arc<dyn ConfigSource> = match &config.config_source {
+            Some(factory) => (factory.0)(specs),
+            None => Arc::new(MemoryConfig::with_processors(specs)),
+        };
         Simulation {
             rng: SimRng::new(seed),
             seed,
@@ -360,7 +411,7 @@ impl Simulation {
     fn start_orchestrator(&mut self) {
         let leadership = Arc::new(MemoryLeadership::new(&self.store));
         let orchestrator = Orchestrator::builder(
-            self.config_source.clone() as Arc<dyn ConfigSource>,
+            self.config_source.clone(),
             self.cluster.clone(),
             self.cluster.clone(),
             self.faulty_store.clone(),

@@ -125,28 +125,14 @@ impl Op {
             } => {
                 if release {
                     self.remove_and_confirm(&processor, epoch).await?;
-                    self.call(
-                        "release ownership",
-                        self.inner
-                            .backends
-                            .store
-                            .release(&processor, epoch, self.term),
-                    )
-                    .await?;
+                    self.release(&processor, epoch).await?;
                 } else {
                     self.terminate(&processor, epoch).await?;
                 }
                 Ok(Outcome::Done)
             }
             Action::Release { processor, epoch } => {
-                self.call(
-                    "release ownership",
-                    self.inner
-                        .backends
-                        .store
-                        .release(&processor, epoch, self.term),
-                )
-                .await?;
+                self.release(&processor, epoch).await?;
                 Ok(Outcome::Done)
             }
             Action::Forget { processor, epoch } => {
@@ -170,6 +156,16 @@ impl Op {
                 })
             }
         }
+    }
+
+    /// Gives up ownership of a processor that is no longer desired.
+    async fn release(&self, processor: &ProcessorId, epoch: Epoch) -> Result<()> {
+        let store = &self.inner.backends.store;
+        self.call(
+            "release ownership",
+            store.release(processor, epoch, self.term),
+        )
+        .await
     }
 
     fn ctl(&self) -> &dyn crate::backend::InstanceControl {

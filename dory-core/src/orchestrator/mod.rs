@@ -78,6 +78,71 @@ pub struct Settings {
     pub retry_max: Duration,
 }
 
+impl Settings {
+    /// Checks the settings; the error names the field. An interval of zero would make the
+    /// orchestrator spin, a duration of years would overflow deadlines, and a lost-node grace
+    /// period within the lease would let a failover start while the old owner may still write.
+    pub fn validate(&self) -> crate::Result<()> {
+        const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
+        let p = &self.planner;
+        let durations = [
+            ("planner.lease", p.lease),
+            ("planner.lease_margin", p.lease_margin),
+            ("planner.node_lost_grace", p.node_lost_grace),
+            ("planner.stabilisation", p.stabilisation),
+            ("planner.min_move_time", p.min_move_time),
+            ("resync_interval", self.resync_interval),
+            ("freeze_timeout", self.freeze_timeout),
+            ("call_timeout", self.call_timeout),
+            ("start_timeout", self.start_timeout),
+            ("stop_grace", self.stop_grace),
+            ("poll_interval", self.poll_interval),
+            ("retry_initial", self.retry_initial),
+            ("retry_max", self.retry_max),
+        ];
+        for (field, d) in durations {
+            if d > LONGEST {
+                return Err(crate::Error::invalid(format!(
+                    "orchestrator setting `{field}` is {d:?}; at most a year is allowed"
+                )));
+            }
+        }
+        for (field, d) in [
+            ("planner.lease", p.lease),
+            ("resync_interval", self.resync_interval),
+            ("freeze_timeout", self.freeze_timeout),
+            ("call_timeout", self.call_timeout),
+            ("start_timeout", self.start_timeout),
+            ("poll_interval", self.poll_interval),
+            ("retry_initial", self.retry_initial),
+        ] {
+            if d.is_zero() {
+                return Err(crate::Error::invalid(format!(
+                    "orchestrator setting `{field}` must be greater than zero"
+                )));
+            }
+        }
+        if self.retry_max < self.retry_initial {
+            return Err(crate::Error::invalid(
+                "orchestrator setting `retry_max` must be at least `retry_initial`",
+            ));
+        }
+        if p.max_concurrent_moves == 0 {
+            return Err(crate::Error::invalid(
+                "orchestrator setting `planner.max_concurrent_moves` must be at least 1",
+            ));
+        }
+        if p.node_lost_grace <= p.lease + p.lease_margin {
+            return Err(crate::Error::invalid(format!(
+                "orchestrator setting `planner.node_lost_grace` ({:?}) must be longer than `planner.lease` + `planner.lease_margin` ({:?}): a cut-off owner may write until its lease runs out",
+                p.node_lost_grace,
+                p.lease + p.lease_margin
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -429,7 +494,11 @@ impl Orchestrator {
     /// round. On shutdown it lets operations in flight finish (each is bounded by the
     /// timeouts in [`Settings`]) and resigns leadership. Dropping the future instead stops at
     /// once; that is safe too, as a later leader rolls half-done moves back or forward.
+    ///
+    /// Fails at once with [`Invalid`](crate::Error::Invalid) when the [`Settings`] do not
+    /// validate.
     pub async fn run_until(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        self.inner.settings.validate()?;
         round::run(self.inner.clone(), shutdown).await
     }
 }
@@ -444,6 +513,49 @@ mod tests {
     fn run_future_is_send(o: Orchestrator) {
         let f = async move { o.run_until(std::future::pending()).await };
         assert_send(&f);
+    }
+
+    #[test]
+    fn settings_validation_names_the_field() {
+        assert!(Settings::default().validate().is_ok());
+        let s = Settings {
+            poll_interval: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`poll_interval`")
+        );
+        let mut s = Settings::default();
+        s.planner.node_lost_grace = s.planner.lease;
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`planner.node_lost_grace`")
+        );
+        let s = Settings {
+            stop_grace: Duration::MAX,
+            ..Settings::default()
+        };
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`stop_grace`")
+        );
+        let s = Settings {
+            retry_max: Duration::from_millis(1),
+            ..Settings::default()
+        };
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`retry_max`")
+        );
     }
 
     #[test]

@@ -175,17 +175,42 @@ impl Checker {
 
     /// Records that `epoch` restored the processor from the checkpoint at `seq` (a failover
     /// or restart): what was published after `seq` is lost and will be published again.
-    pub fn on_restore(&mut self, processor: &ProcessorId, epoch: Epoch, seq: u64, now: Timestamp) {
-        let max_loss = self.max_loss;
+    ///
+    /// An `exact` restore (an evacuation: the frozen snapshot committed as this epoch's first
+    /// checkpoint) must lose nothing and opens no window for duplicates.
+    pub fn on_restore(
+        &mut self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        seq: u64,
+        exact: bool,
+        now: Timestamp,
+    ) {
         let out = self.outputs.entry(processor.clone()).or_default();
         let lost = out.highest.saturating_sub(seq);
         out.loss_checked.insert(epoch, lost);
-        out.redo_upto = out.redo_upto.max(out.highest);
-        if lost > max_loss {
-            let what = format!(
-                "{processor} {epoch} restored at seq {seq} but seq {} had been published: lost {lost} steps, more than one checkpoint interval ({max_loss})",
-                out.highest
-            );
+        // An evacuation restores the frozen state exactly: it may only "lose" what an earlier
+        // restore already gave up and is redoing (up to `redo_upto`).
+        let (unexplained, allowed) = if exact {
+            (out.highest.saturating_sub(seq.max(out.redo_upto)), 0)
+        } else {
+            (lost, self.max_loss)
+        };
+        if !exact {
+            out.redo_upto = out.redo_upto.max(out.highest);
+        }
+        if unexplained > allowed {
+            let what = if exact {
+                format!(
+                    "{processor} {epoch} restored the evacuated snapshot at seq {seq} but seq {} had been published: an evacuation lost {unexplained} steps",
+                    out.highest
+                )
+            } else {
+                format!(
+                    "{processor} {epoch} restored at seq {seq} but seq {} had been published: lost {lost} steps, more than one checkpoint interval ({allowed})",
+                    out.highest
+                )
+            };
             self.violate(now, what);
         }
     }
@@ -288,15 +313,24 @@ mod tests {
     fn failover_duplicates_pass_within_the_loss_bound() {
         let mut c = Checker::new(10);
         publish_run(&mut c, 1, 1, 20);
-        c.on_restore(&p(), Epoch(2), 14, Timestamp(0));
+        c.on_restore(&p(), Epoch(2), 14, false, Timestamp(0));
         publish_run(&mut c, 2, 15, 30);
         assert!(c.violations().is_empty(), "{:?}", c.violations());
         assert_eq!(c.stats().resolved_duplicates, 6);
         let mut c = Checker::new(3);
         publish_run(&mut c, 1, 1, 20);
-        c.on_restore(&p(), Epoch(2), 14, Timestamp(0));
+        c.on_restore(&p(), Epoch(2), 14, false, Timestamp(0));
         publish_run(&mut c, 2, 15, 30);
         assert!(c.violations().iter().any(|v| v.contains("lost 6 steps")));
+        let mut c = Checker::new(10);
+        publish_run(&mut c, 1, 1, 20);
+        c.on_restore(&p(), Epoch(2), 19, true, Timestamp(0));
+        assert!(
+            c.violations()
+                .iter()
+                .any(|v| v.contains("an evacuation lost 1 steps")),
+            "an evacuation must lose nothing"
+        );
     }
 
     #[test]

@@ -642,6 +642,9 @@ impl SimCluster {
             Ok(latest) => latest,
             Err(_) => return,
         };
+        // A snapshot filed under this very epoch was committed by an evacuation: the frozen,
+        // exact state, so restoring it must lose nothing.
+        let exact = latest.as_ref().is_some_and(|s| s.meta.epoch == *epoch);
         let state = match latest {
             None => CounterState::default(),
             Some(snap) => {
@@ -681,7 +684,7 @@ impl SimCluster {
                 self.checker
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .on_restore(processor, *epoch, state.seq, now);
+                    .on_restore(processor, *epoch, state.seq, exact, now);
             }
             Err(Error::Fenced(e)) => {
                 inst.record.phase = Phase::Exited { code: 3 };

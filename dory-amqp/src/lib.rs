@@ -1,0 +1,1 @@
+//! RabbitMQ backends for Dory: confirmed publisher with backpressure, input consumer (being written).

@@ -400,11 +400,14 @@ impl<'a> Planner<'a> {
         let owner_instance = owner.and_then(|e| instances.iter().copied().find(|i| i.epoch == e));
 
         // Instances that do not own the processor are settled before anything else: a move
-        // found half-done is rolled forward or back, any other stray is terminated.
+        // found half-done is rolled forward or back, any other stray is terminated. A stray
+        // on a node that is not ready cannot be reached (a terminate would only queue until
+        // its node is back) and cannot commit anything (the store fences it), so it does not
+        // hold up the owner's own rules — an evacuation or a failover must not wait for it.
         let mut strays = instances
             .iter()
             .copied()
-            .filter(|i| Some(i.epoch) != owner && i.phase.is_alive());
+            .filter(|i| Some(i.epoch) != owner && i.phase.is_alive() && self.is_ready(&i.node));
         if let Some(stray) = strays.next() {
             let only = strays.next().is_none();
             return Decision::Act(self.settle(id, owner_instance, stray, only));

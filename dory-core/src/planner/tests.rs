@@ -510,6 +510,21 @@ fn rule_3_moves_off_interrupted_nodes() {
             vec![evacuate("p", "n2")],
         ),
         case(
+            "a stray on an unreachable node does not hold up the evacuation",
+            World::new()
+                .node(interrupted(Some(NOW + 1_000)))
+                .nodes(&["n2"])
+                .node({
+                    let mut n = node("n3");
+                    n.ready = false;
+                    n
+                })
+                .specs(&["p"])
+                .running("p", 1, "n1")
+                .instance(instance("p", 0, "n3", Phase::Frozen)),
+            vec![evacuate("p", "n2")],
+        ),
+        case(
             "unschedulable: cordon move",
             World::new()
                 .node({

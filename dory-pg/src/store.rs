@@ -1,0 +1,798 @@
+//! [`PgStore`]: the fenced state store in Postgres.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dory_core::{
+    Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
+    StoredSnapshot, Term, Timestamp, snapshot,
+};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection};
+
+use crate::config::{PgConfig, validate_schema};
+use crate::error::{Error as SetupError, sql};
+
+/// The tracing target every log line of this crate uses.
+pub(crate) const TARGET: &str = "dory::pg";
+
+/// Operations slower than this are logged at `warn` rather than `debug`.
+const SLOW: Duration = Duration::from_millis(500);
+
+/// The longest lease granted: a longer one is as good as forever, and Postgres intervals
+/// overflow long before `Duration::MAX`.
+const MAX_LEASE_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
+
+/// The migrations in `migrations/`, embedded at build time.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// What a store and the leadership participants made from it share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) options: PgConnectOptions,
+    pub(crate) schema: String,
+    pub(crate) statement_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+/// Points a fresh connection at `schema` and sets its statement timeout. Binds, not string
+/// splicing: `set_config` takes the values as parameters.
+pub(crate) async fn prepare(
+    conn: &mut PgConnection,
+    schema: &str,
+    statement_timeout: Duration,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT set_config('search_path', $1, false), set_config('statement_timeout', $2, false)",
+    )
+    .bind(format!("\"{schema}\""))
+    .bind(format!("{}ms", statement_timeout.as_millis()))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// A [`StateStore`] in Postgres: ownership rows, snapshots and the leadership term in one
+/// schema, every write one transaction.
+///
+/// Writes lock the processor's `ownership` row (`SELECT ... FOR UPDATE`) and decide under that
+/// lock, so concurrent writers of one processor serialise while different processors never
+/// wait for each other. Orchestrator writes also read the `leadership` row `FOR SHARE` and
+/// compare the term, so a new leader's increment waits for them and every later one sees it.
+/// Leases and timestamps come from the database clock, so every participant measures leases
+/// on one clock. Snapshots are verified with [`snapshot::verify`] before they are stored and
+/// after they are read.
+///
+/// It is a cheap handle: clones share one connection pool.
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    shared: Arc<Shared>,
+}
+
+impl PgStore {
+    /// Connects, creates the schema if missing and applies the migrations (idempotent: safe
+    /// to run from every process at start-up; concurrent runs wait for each other).
+    pub async fn connect(config: &PgConfig) -> std::result::Result<PgStore, SetupError> {
+        validate_schema(&config.schema)?;
+        let options = PgConnectOptions::from_str(&config.url).map_err(SetupError::InvalidUrl)?;
+        let shared = Arc::new(Shared {
+            options,
+            schema: config.schema.clone(),
+            statement_timeout: config.statement_timeout,
+            connect_timeout: config.connect_timeout,
+        });
+        let for_hook = shared.clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pool_size.max(1))
+            .acquire_timeout(config.connect_timeout)
+            // Every pooled connection works in the configured schema, sqlx's migrations
+            // table included, so deployments (and parallel tests) sharing a database never
+            // see each other's rows.
+            .after_connect(move |conn, _meta| {
+                let shared = for_hook.clone();
+                Box::pin(
+                    async move { prepare(conn, &shared.schema, shared.statement_timeout).await },
+                )
+            })
+            .connect_with(shared.options.clone().application_name("dory-pg"))
+            .await
+            .map_err(SetupError::Connect)?;
+
+        let schema = &config.schema;
+        // The name was validated as a plain identifier, so splicing it is safe; DDL takes no
+        // binds.
+        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+        if let Err(e) = sqlx::query(AssertSqlSafe(create)).execute(&pool).await {
+            // Two processes creating the schema at once: the loser's IF NOT EXISTS can still
+            // hit the catalog's unique index. The schema exists either way.
+            let raced =
+                matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"));
+            if !raced {
+                return Err(SetupError::CreateSchema {
+                    schema: schema.clone(),
+                    source: e,
+                });
+            }
+        }
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| SetupError::Migrate {
+                schema: schema.clone(),
+                source,
+            })?;
+        tracing::info!(target: TARGET, schema = %schema, "state store ready");
+        Ok(PgStore { pool, shared })
+    }
+
+    /// The connection pool, for diagnostics and tests that need to look below the API.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema holding this store's tables.
+    pub fn schema(&self) -> &str {
+        &self.shared.schema
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    async fn begin(&self, what: &str) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        self.pool.begin().await.map_err(sql(what))
+    }
+}
+
+/// Runs one store operation, logging its outcome under [`TARGET`]: slow ones and
+/// unavailability at `warn`, the rest at `debug`.
+async fn logged<T>(what: &str, op: impl Future<Output = Result<T>>) -> Result<T> {
+    let started = Instant::now();
+    let result = op.await;
+    let elapsed = started.elapsed();
+    match &result {
+        Err(e @ Error::Unavailable(_)) => {
+            tracing::warn!(target: TARGET, op = what, ?elapsed, error = %e, "store operation failed");
+        }
+        Err(e) => {
+            tracing::debug!(target: TARGET, op = what, ?elapsed, error = %e, "store operation refused")
+        }
+        Ok(_) if elapsed > SLOW => {
+            tracing::warn!(target: TARGET, op = what, ?elapsed, "slow store operation");
+        }
+        Ok(_) => tracing::debug!(target: TARGET, op = what, ?elapsed, "store operation"),
+    }
+    result
+}
+
+/// A number for a `bigint` column; values above `i64::MAX` cannot be stored.
+fn db(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid(format!("{what}: {v} does not fit in a bigint")))
+}
+
+/// A number read from a `bigint` column that holds epochs or sequences (never negative).
+fn count(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| Error::invalid(format!("{what}: negative value {v} stored")))
+}
+
+/// Milliseconds since the epoch, read as `floor(extract(epoch from ...) * 1000)`.
+fn ts(ms: i64) -> Timestamp {
+    // A time before 1970 cannot come from the database clock.
+    Timestamp(u64::try_from(ms).unwrap_or(0))
+}
+
+fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis().min(MAX_LEASE_MS)).unwrap_or(i64::MAX)
+}
+
+fn show(epoch: Option<Epoch>) -> String {
+    epoch.map_or_else(|| "none".to_string(), |e| e.to_string())
+}
+
+/// The ownership row as a write sees it under its row lock.
+struct Locked {
+    owner: Option<Epoch>,
+    highest: Epoch,
+    newest_owner: Epoch,
+    lease_running: bool,
+    committed: Option<(Epoch, Sequence)>,
+}
+
+impl Locked {
+    /// Reads and locks the row of `processor` until the transaction ends.
+    async fn fetch(
+        tx: &mut PgConnection,
+        processor: &ProcessorId,
+        what: &str,
+    ) -> Result<Option<Locked>> {
+        type RowT = (Option<i64>, i64, i64, bool, Option<i64>, Option<i64>);
+        let row: Option<RowT> = sqlx::query_as(
+            "SELECT owner, highest, newest_owner, \
+                    COALESCE(lease_expires > clock_timestamp(), false), \
+                    committed_epoch, committed_seq \
+             FROM ownership WHERE processor = $1 FOR UPDATE",
+        )
+        .bind(processor.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(sql(what))?;
+        let Some((owner, highest, newest_owner, lease_running, c_epoch, c_seq)) = row else {
+            return Ok(None);
+        };
+        let committed = match (c_epoch, c_seq) {
+            (Some(e), Some(s)) => Some((Epoch(count(e, what)?), Sequence(count(s, what)?))),
+            _ => None,
+        };
+        Ok(Some(Locked {
+            owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
+            highest: Epoch(count(highest, what)?),
+            newest_owner: Epoch(count(newest_owner, what)?),
+            lease_running,
+            committed,
+        }))
+    }
+
+    /// Refuses a checkpoint write from anyone but the owner.
+    fn check_owner(&self, what: &str, epoch: Epoch) -> Result<()> {
+        match self.owner {
+            Some(owner) if owner == epoch => Ok(()),
+            Some(owner) => Err(Error::fenced(format!(
+                "{what}: epoch {epoch} does not own the processor, {owner} does"
+            ))),
+            None => Err(Error::fenced(format!(
+                "{what}: epoch {epoch} does not own the processor, no epoch does"
+            ))),
+        }
+    }
+
+    /// Refuses an epoch that was never claimed or is not newer than every earlier owner.
+    fn check_new_owner(&self, what: &str, epoch: Epoch) -> Result<()> {
+        if epoch > self.highest {
+            return Err(Error::invalid(format!(
+                "{what}: epoch {epoch} was never claimed (the highest claimed is {})",
+                self.highest
+            )));
+        }
+        if epoch <= self.newest_owner {
+            return Err(Error::fenced(format!(
+                "{what}: epoch {epoch} is not newer than {}, which already owned the processor",
+                self.newest_owner
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses an orchestrator write unless `term` is the current leadership term. The row is
+/// read `FOR SHARE`, so a new leader's increment waits until this transaction ends and every
+/// transaction after it sees the new term.
+async fn check_term(tx: &mut PgConnection, term: Term, what: &str) -> Result<()> {
+    let current: i64 = sqlx::query_scalar("SELECT term FROM leadership WHERE id = 1 FOR SHARE")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(sql(what))?;
+    if term.0 == 0 || i64::try_from(term.0) != Ok(current) {
+        return Err(Error::fenced(format!(
+            "{what}: leadership term {term} is not current (t{current} is)"
+        )));
+    }
+    Ok(())
+}
+
+/// Grants `lease` from now (the transaction's start, so a write that waited for a lock
+/// grants a little less, never more) and returns the expiry.
+async fn grant(
+    tx: &mut PgConnection,
+    processor: &ProcessorId,
+    lease: Duration,
+    what: &str,
+) -> Result<Timestamp> {
+    let expires: i64 = sqlx::query_scalar(
+        "UPDATE ownership \
+         SET lease_expires = date_trunc('milliseconds', now() + $2::float8 * interval '1 millisecond') \
+         WHERE processor = $1 \
+         RETURNING floor(extract(epoch from lease_expires) * 1000)::bigint",
+    )
+    .bind(processor.as_str())
+    .bind(lease_ms(lease))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(sql(what))?;
+    Ok(ts(expires))
+}
+
+/// Stores `snapshot` under its metadata's key and makes it the committed checkpoint.
+async fn store_checkpoint(
+    tx: &mut PgConnection,
+    snapshot: &StoredSnapshot,
+    what: &str,
+) -> Result<()> {
+    let meta = &snapshot.meta;
+    let (epoch, sequence) = (db(meta.epoch.0, what)?, db(meta.sequence.0, what)?);
+    sqlx::query(
+        "INSERT INTO snapshots (processor, epoch, sequence, size, created_at, body) \
+         VALUES ($1, $2, $3, $4, date_trunc('milliseconds', now()), $5)",
+    )
+    .bind(meta.processor.as_str())
+    .bind(epoch)
+    .bind(sequence)
+    .bind(db(snapshot.bytes.len() as u64, what)?)
+    .bind(snapshot.bytes.as_slice())
+    .execute(&mut *tx)
+    .await
+    .map_err(sql(what))?;
+    sqlx::query(
+        "UPDATE ownership SET committed_epoch = $2, committed_seq = $3, \
+                committed_at = date_trunc('milliseconds', now()) \
+         WHERE processor = $1",
+    )
+    .bind(meta.processor.as_str())
+    .bind(epoch)
+    .bind(sequence)
+    .execute(&mut *tx)
+    .await
+    .map_err(sql(what))?;
+    Ok(())
+}
+
+/// Checks an incoming snapshot's bytes against its metadata; `taken_by` is the epoch its
+/// header must name.
+fn verify_incoming(snap: &StoredSnapshot, what: &str, taken_by: Epoch) -> Result<()> {
+    let meta = &snap.meta;
+    let header = snapshot::verify(&snap.bytes).map_err(|e| e.context(what))?;
+    if (&header.processor, header.epoch, header.sequence)
+        != (&meta.processor, taken_by, meta.sequence)
+    {
+        return Err(Error::invalid(format!(
+            "{what}: the snapshot's header says processor {} epoch {} {}, expected epoch {taken_by}",
+            header.processor, header.epoch, header.sequence
+        )));
+    }
+    if meta.size != snap.bytes.len() as u64 {
+        return Err(Error::invalid(format!(
+            "{what}: metadata says {} bytes, the snapshot has {}",
+            meta.size,
+            snap.bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A snapshot row as read: `(epoch, sequence, size, created_at ms, body)`.
+type SnapRow = (i64, i64, i64, i64, Vec<u8>);
+
+/// Verifies a snapshot read back from the table: bytes rot, and a bad write may have stored
+/// garbage. The error names processor and epoch.
+fn verify_stored(processor: &ProcessorId, row: SnapRow) -> Result<StoredSnapshot> {
+    let (epoch, sequence, size, created_at, bytes) = row;
+    let what =
+        format!("stored snapshot of processor {processor} epoch {epoch} sequence {sequence}");
+    let meta = SnapshotMeta {
+        processor: processor.clone(),
+        epoch: Epoch(count(epoch, &what)?),
+        sequence: Sequence(count(sequence, &what)?),
+        size: count(size, &what)?,
+        created_at: ts(created_at),
+    };
+    let header = snapshot::verify(&bytes).map_err(|e| e.context(&what))?;
+    // The header's epoch is the one that took it, which for a move is not the one it is filed
+    // under; processor, sequence and size must match.
+    if header.processor != *processor || header.sequence != meta.sequence {
+        return Err(Error::invalid(format!(
+            "{what}: the header says processor {} {}",
+            header.processor, header.sequence
+        )));
+    }
+    if meta.size != bytes.len() as u64 {
+        return Err(Error::invalid(format!(
+            "{what}: {} bytes stored, {} recorded",
+            bytes.len(),
+            meta.size
+        )));
+    }
+    Ok(StoredSnapshot { meta, bytes })
+}
+
+type OwnershipRow = (
+    String,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+const OWNERSHIP_COLUMNS: &str = "processor, owner, highest, \
+     floor(extract(epoch from lease_expires) * 1000)::bigint, \
+     committed_epoch, committed_seq, \
+     floor(extract(epoch from committed_at) * 1000)::bigint";
+
+fn ownership_of(row: OwnershipRow, what: &str) -> Result<Ownership> {
+    let (processor, owner, highest, lease, c_epoch, c_seq, c_at) = row;
+    let committed = match (c_epoch, c_seq) {
+        (Some(e), Some(s)) => Some((Epoch(count(e, what)?), Sequence(count(s, what)?))),
+        _ => None,
+    };
+    Ok(Ownership {
+        processor: ProcessorId::new(processor).map_err(|e| e.context(what))?,
+        owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
+        highest_epoch: Epoch(count(highest, what)?),
+        lease_expires: lease.map(ts),
+        committed,
+        committed_at: c_at.map(ts),
+    })
+}
+
+#[async_trait]
+impl StateStore for PgStore {
+    async fn claim_epoch(&self, processor: &ProcessorId, term: Term) -> Result<Epoch> {
+        let what = format!("claim_epoch of {processor}");
+        logged(&what, async {
+            let mut tx = self.begin(&what).await?;
+            check_term(&mut tx, term, &what).await?;
+            // The upsert locks the row, so concurrent claims serialise and each gets its own
+            // highest + 1.
+            let highest: i64 = sqlx::query_scalar(
+                "INSERT INTO ownership (processor, highest) VALUES ($1, 1) \
+                 ON CONFLICT (processor) DO UPDATE SET highest = ownership.highest + 1 \
+                 RETURNING highest",
+            )
+            .bind(processor.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(sql(&what))?;
+            tx.commit().await.map_err(sql(&what))?;
+            Ok(Epoch(count(highest, &what)?))
+        })
+        .await
+    }
+
+    async fn assign_owner(
+        &self,
+        processor: &ProcessorId,
+        expected: Option<Epoch>,
+        epoch: Epoch,
+        lease: Duration,
+        term: Term,
+    ) -> Result<()> {
+        let what = format!(
+            "assign_owner of {processor} from {} to {epoch}",
+            show(expected)
+        );
+        logged(&what, async {
+            let mut tx = self.begin(&what).await?;
+            check_term(&mut tx, term, &what).await?;
+            let row = Locked::fetch(&mut tx, processor, &what)
+                .await?
+                .ok_or_else(|| Error::invalid(format!("{what}: no epoch was ever claimed")))?;
+            if row.owner != expected {
+                return Err(Error::conflict(format!(
+                    "{what}: the owner is {}",
+                    show(row.owner)
+                )));
+            }
+            // Checked under the row lock and in the database clock: a cut-off owner whose
+            // lease was still running when the orchestrator looked may have renewed it since.
+            if expected.is_some() && row.lease_running {
+                return Err(Error::conflict(format!(
+                    "{what}: the lease of {} has not run out",
+                    show(expected)
+                )));
+            }
+            row.check_new_owner(&what, epoch)?;
+            let e = db(epoch.0, &what)?;
+            sqlx::query("UPDATE ownership SET owner = $2, newest_owner = $2 WHERE processor = $1")
+                .bind(processor.as_str())
+                .bind(e)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql(&what))?;
+            grant(&mut tx, processor, lease, &what).await?;
+            tx.commit().await.map_err(sql(&what))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn commit_move(
+        &self,
+        from: Epoch,
+        snapshot: &StoredSnapshot,
+        lease: Duration,
+        term: Term,
+    ) -> Result<()> {
+        let (processor, to, sequence) = (
+            &snapshot.meta.processor,
+            snapshot.meta.epoch,
+            snapshot.meta.sequence,
+        );
+        let what = format!("commit_move of {processor} from {from} to {to} at {sequence}");
+        logged(&what, async {
+            verify_incoming(snapshot, &what, from)?;
+            let mut tx = self.begin(&what).await?;
+            check_term(&mut tx, term, &what).await?;
+            let row = Locked::fetch(&mut tx, processor, &what)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("{what}: no ownership row")))?;
+            if row.owner != Some(from) {
+                return Err(Error::conflict(format!(
+                    "{what}: the owner is {}",
+                    show(row.owner)
+                )));
+            }
+            row.check_new_owner(&what, to)?;
+            // A move carries the frozen state forward; an older snapshot would silently roll
+            // the processor back. An equal sequence is fine: nothing was published since.
+            if let Some((epoch, committed)) = row.committed
+                && sequence < committed
+            {
+                return Err(Error::fenced(format!(
+                    "{what}: snapshot {sequence} is older than the committed {committed} of {epoch}"
+                )));
+            }
+            sqlx::query("UPDATE ownership SET owner = $2, newest_owner = $2 WHERE processor = $1")
+                .bind(processor.as_str())
+                .bind(db(to.0, &what)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(sql(&what))?;
+            store_checkpoint(&mut tx, snapshot, &what).await?;
+            grant(&mut tx, processor, lease, &what).await?;
+            tx.commit().await.map_err(sql(&what))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release(&self, processor: &ProcessorId, epoch: Epoch, term: Term) -> Result<()> {
+        let what = format!("release of {processor} from {epoch}");
+        logged(&what, async {
+            let mut tx = self.begin(&what).await?;
+            check_term(&mut tx, term, &what).await?;
+            let row = Locked::fetch(&mut tx, processor, &what)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("{what}: no ownership row")))?;
+            match row.owner {
+                // Releasing what nothing owns is done already: a retried release succeeds.
+                None => Ok(()),
+                Some(owner) if owner == epoch => {
+                    sqlx::query(
+                        "UPDATE ownership SET owner = NULL, lease_expires = NULL WHERE processor = $1",
+                    )
+                    .bind(processor.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql(&what))?;
+                    tx.commit().await.map_err(sql(&what))?;
+                    Ok(())
+                }
+                Some(owner) => Err(Error::conflict(format!("{what}: {owner} owns it"))),
+            }
+        })
+        .await
+    }
+
+    async fn put_checkpoint(
+        &self,
+        snapshot: &StoredSnapshot,
+        lease: Duration,
+    ) -> Result<Timestamp> {
+        let (processor, epoch, sequence) = (
+            &snapshot.meta.processor,
+            snapshot.meta.epoch,
+            snapshot.meta.sequence,
+        );
+        let what = format!("put_checkpoint of {processor} {epoch} {sequence}");
+        logged(&what, async {
+            verify_incoming(snapshot, &what, epoch)?;
+            let mut tx = self.begin(&what).await?;
+            let row = Locked::fetch(&mut tx, processor, &what)
+                .await?
+                .ok_or_else(|| Error::fenced(format!("{what}: no epoch owns the processor")))?;
+            row.check_owner(&what, epoch)?;
+            // A retry of the committed checkpoint (its answer was lost) succeeds again and
+            // renews the lease: refusing it would fence a legitimate owner.
+            if row.committed == Some((epoch, sequence)) {
+                let same: Option<bool> = sqlx::query_scalar(
+                    "SELECT body = $4 FROM snapshots \
+                     WHERE processor = $1 AND epoch = $2 AND sequence = $3",
+                )
+                .bind(processor.as_str())
+                .bind(db(epoch.0, &what)?)
+                .bind(db(sequence.0, &what)?)
+                .bind(snapshot.bytes.as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(sql(&what))?;
+                if same == Some(true) {
+                    let expires = grant(&mut tx, processor, lease, &what).await?;
+                    tx.commit().await.map_err(sql(&what))?;
+                    return Ok(expires);
+                }
+            }
+            if let Some((_, committed)) = row.committed
+                && sequence <= committed
+            {
+                return Err(Error::fenced(format!(
+                    "{what}: sequence {sequence} is not above the committed {committed}"
+                )));
+            }
+            store_checkpoint(&mut tx, snapshot, &what).await?;
+            let expires = grant(&mut tx, processor, lease, &what).await?;
+            tx.commit().await.map_err(sql(&what))?;
+            Ok(expires)
+        })
+        .await
+    }
+
+    async fn renew_lease(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        lease: Duration,
+    ) -> Result<Timestamp> {
+        let what = format!("renew_lease of {processor} {epoch}");
+        logged(&what, async {
+            let mut tx = self.begin(&what).await?;
+            let row = Locked::fetch(&mut tx, processor, &what)
+                .await?
+                .ok_or_else(|| Error::fenced(format!("{what}: no epoch owns the processor")))?;
+            row.check_owner(&what, epoch)?;
+            let expires = grant(&mut tx, processor, lease, &what).await?;
+            tx.commit().await.map_err(sql(&what))?;
+            Ok(expires)
+        })
+        .await
+    }
+
+    async fn ownership(&self, processor: &ProcessorId) -> Result<Option<Ownership>> {
+        let what = format!("ownership of {processor}");
+        let query = format!("SELECT {OWNERSHIP_COLUMNS} FROM ownership WHERE processor = $1");
+        let row: Option<OwnershipRow> = sqlx::query_as(AssertSqlSafe(query))
+            .bind(processor.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql(&what))?;
+        row.map(|r| ownership_of(r, &what)).transpose()
+    }
+
+    async fn ownerships(&self) -> Result<Vec<Ownership>> {
+        let what = "ownerships";
+        // Byte-wise order, whatever the database's collation, to match `ProcessorId`'s `Ord`.
+        let query =
+            format!("SELECT {OWNERSHIP_COLUMNS} FROM ownership ORDER BY processor COLLATE \"C\"");
+        let rows: Vec<OwnershipRow> = sqlx::query_as(AssertSqlSafe(query))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(sql(what))?;
+        rows.into_iter().map(|r| ownership_of(r, what)).collect()
+    }
+
+    async fn latest(&self, processor: &ProcessorId) -> Result<Option<StoredSnapshot>> {
+        let what = format!("latest snapshot of {processor}");
+        type Row = (i64, i64, Option<i64>, Option<i64>, Option<Vec<u8>>);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT o.committed_epoch, o.committed_seq, s.size, \
+                    floor(extract(epoch from s.created_at) * 1000)::bigint, s.body \
+             FROM ownership o \
+             LEFT JOIN snapshots s ON s.processor = o.processor \
+                  AND s.epoch = o.committed_epoch AND s.sequence = o.committed_seq \
+             WHERE o.processor = $1 AND o.committed_epoch IS NOT NULL",
+        )
+        .bind(processor.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql(&what))?;
+        match row {
+            None => Ok(None),
+            Some((epoch, sequence, Some(size), Some(created_at), Some(body))) => {
+                verify_stored(processor, (epoch, sequence, size, created_at, body)).map(Some)
+            }
+            Some((epoch, sequence, ..)) => Err(Error::not_found(format!(
+                "{what}: the committed snapshot epoch {epoch} sequence {sequence} is missing"
+            ))),
+        }
+    }
+
+    async fn get(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        sequence: Sequence,
+    ) -> Result<Option<StoredSnapshot>> {
+        let what = format!("get snapshot of {processor} {epoch} {sequence}");
+        // Keys beyond a bigint were never stored.
+        let (Ok(e), Ok(s)) = (i64::try_from(epoch.0), i64::try_from(sequence.0)) else {
+            return Ok(None);
+        };
+        let row: Option<SnapRow> = sqlx::query_as(
+            "SELECT epoch, sequence, size, \
+                    floor(extract(epoch from created_at) * 1000)::bigint, body \
+             FROM snapshots WHERE processor = $1 AND epoch = $2 AND sequence = $3",
+        )
+        .bind(processor.as_str())
+        .bind(e)
+        .bind(s)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(sql(&what))?;
+        row.map(|r| verify_stored(processor, r)).transpose()
+    }
+
+    async fn history(&self, processor: &ProcessorId) -> Result<Vec<SnapshotMeta>> {
+        let what = format!("history of {processor}");
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT epoch, sequence, size, \
+                    floor(extract(epoch from created_at) * 1000)::bigint \
+             FROM snapshots WHERE processor = $1 ORDER BY epoch DESC, sequence DESC",
+        )
+        .bind(processor.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(sql(&what))?;
+        rows.into_iter()
+            .map(|(epoch, sequence, size, created_at)| {
+                Ok(SnapshotMeta {
+                    processor: processor.clone(),
+                    epoch: Epoch(count(epoch, &what)?),
+                    sequence: Sequence(count(sequence, &what)?),
+                    size: count(size, &what)?,
+                    created_at: ts(created_at),
+                })
+            })
+            .collect()
+    }
+
+    async fn prune(&self, processor: &ProcessorId, keep: usize) -> Result<usize> {
+        let what = format!("prune of {processor} keeping {keep}");
+        logged(&what, async {
+            let keep = i64::try_from(keep.max(1)).unwrap_or(i64::MAX);
+            let mut tx = self.begin(&what).await?;
+            // Serialise with checkpoints and moves of this processor, so the newest snapshots
+            // counted here are the newest there are.
+            Locked::fetch(&mut tx, processor, &what).await?;
+            let deleted = sqlx::query(
+                "DELETE FROM snapshots d \
+                 WHERE d.processor = $1 \
+                   AND (d.epoch, d.sequence) NOT IN ( \
+                       SELECT epoch, sequence FROM snapshots WHERE processor = $1 \
+                       ORDER BY epoch DESC, sequence DESC LIMIT $2) \
+                   AND NOT EXISTS ( \
+                       SELECT 1 FROM ownership o WHERE o.processor = $1 \
+                       AND o.committed_epoch = d.epoch AND o.committed_seq = d.sequence)",
+            )
+            .bind(processor.as_str())
+            .bind(keep)
+            .execute(&mut *tx)
+            .await
+            .map_err(sql(&what))?
+            .rows_affected();
+            tx.commit().await.map_err(sql(&what))?;
+            Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+        })
+        .await
+    }
+}
+
+/// Opens a connection outside the pool (the leadership lock needs a session of its own) and
+/// prepares it like a pooled one.
+pub(crate) async fn dedicated(
+    shared: &Shared,
+    application_name: &str,
+) -> std::result::Result<PgConnection, sqlx::Error> {
+    let options = shared.options.clone().application_name(application_name);
+    let mut conn =
+        tokio::time::timeout(shared.connect_timeout, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    if let Err(e) = prepare(&mut conn, &shared.schema, shared.statement_timeout).await {
+        let _ = conn.close().await;
+        return Err(e);
+    }
+    Ok(conn)
+}

@@ -72,6 +72,11 @@ impl From<Error> for dory_core::Error {
             Error::Declare { source, .. } if is_access_refused(source) => {
                 dory_core::Error::invalid(message)
             }
+            // The broker refused this very message (too large, not permitted): sending it
+            // again cannot help.
+            Error::Broker { source, .. } if is_refusal(source) => {
+                dory_core::Error::invalid(message)
+            }
             Error::Connect { .. }
             | Error::ConnectTimeout { .. }
             | Error::Declare { .. }
@@ -96,6 +101,16 @@ fn is_not_found(error: &lapin::Error) -> bool {
 
 fn is_access_refused(error: &lapin::Error) -> bool {
     matches!(soft_error(error), Some(AMQPSoftError::ACCESSREFUSED))
+}
+
+/// Whether the broker closed the channel because of the message itself (406 precondition
+/// failed: larger than the broker allows; 403 access refused: no write permission), so that
+/// sending it again on a new channel would fail the same way.
+pub(crate) fn is_refusal(error: &lapin::Error) -> bool {
+    matches!(
+        soft_error(error),
+        Some(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED)
+    )
 }
 
 /// `url` with its password replaced, so errors and logs never carry a secret.
@@ -135,6 +150,38 @@ mod tests {
         assert_eq!(redact("amqp://user@host"), "amqp://user@host");
         assert_eq!(redact("not a url"), "not a url");
         assert_eq!(redact("amqps://a:b@h/v?x=@"), "amqps://a:***@h/v?x=@");
+    }
+
+    fn soft(error: AMQPSoftError) -> lapin::Error {
+        let amqp = lapin::protocol::AMQPError::new(AMQPErrorKind::Soft(error), "test".into());
+        ErrorKind::ProtocolError(amqp).into()
+    }
+
+    #[test]
+    fn a_refused_message_is_invalid_a_lost_channel_unavailable() {
+        let broker = |source| Error::Broker {
+            operation: "publish p:1:1".into(),
+            source,
+        };
+        for refusal in [
+            AMQPSoftError::PRECONDITIONFAILED,
+            AMQPSoftError::ACCESSREFUSED,
+        ] {
+            assert!(matches!(
+                dory_core::Error::from(broker(soft(refusal))),
+                dory_core::Error::Invalid(_)
+            ));
+        }
+        let lost = broker(soft(AMQPSoftError::NOTFOUND));
+        assert!(dory_core::Error::from(lost).is_retryable());
+        let missing = Error::Declare {
+            exchange: "x".into(),
+            source: soft(AMQPSoftError::NOTFOUND),
+        };
+        assert!(matches!(
+            dory_core::Error::from(missing),
+            dory_core::Error::NotFound(_)
+        ));
     }
 
     #[test]

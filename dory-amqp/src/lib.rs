@@ -39,8 +39,10 @@
 //! [`dory-processor`](HEADER_PROCESSOR), [`dory-epoch`](HEADER_EPOCH) and
 //! [`dory-sequence`](HEADER_SEQUENCE) — so consumers drop duplicates by
 //! `(processor, sequence)`; when two copies of one sequence differ, the higher epoch wins.
-//! Messages of one processor arrive in publish order (a copy sent again may repeat an earlier
-//! one, never overtake it).
+//! Messages of one processor arrive in publish order when each publish is awaited before the
+//! next, as the runtime does: a copy sent again may repeat an earlier message, never overtake
+//! it. Publishes that are in flight together leave in call order, but if their connection is
+//! lost they are sent again in whatever order their callers notice.
 //!
 //! Messages are `mandatory` and persistent: a message no queue is bound to receive fails its
 //! publish instead of vanishing, and a confirm from a durable queue means it is on disk.

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, trace, warn};
 
 use crate::config::AmqpConfig;
-use crate::error::Error;
+use crate::error::{Error, is_refusal};
 
 /// The tracing target everything in this crate logs under.
 const TARGET: &str = "dory::amqp";
@@ -67,7 +67,8 @@ struct Current {
 ///   [`Unavailable`](dory_core::Error::Unavailable).
 /// - A lost connection or channel is replaced (with backoff, up to
 ///   [`AmqpConfig::reconnect_attempts`] times per publish) and every unconfirmed message is sent
-///   again with the same message id: delivery is at least once.
+///   again with the same message id: delivery is at least once. Messages of one processor
+///   stay in order as long as each publish is awaited before the next.
 pub struct AmqpPublisher {
     config: AmqpConfig,
     uri: AMQPUri,
@@ -156,9 +157,9 @@ impl AmqpPublisher {
             if let Some(failed) = current.last_failure
                 && failed.elapsed() < self.config.reconnect_delay
             {
-                return Err(Error::Config(
-                    "reconnect failed a moment ago; waiting for the next attempt".into(),
-                ));
+                // Another publisher's attempt failed a moment ago: this one's next send fails
+                // fast on the broken link and counts as one of its attempts.
+                return Ok(());
             }
         }
         match open_link(&self.config, &self.uri, broken + 1).await {
@@ -430,12 +431,14 @@ impl Publisher for AmqpPublisher {
                     tokio::time::sleep(self.reconnect_delay(nacks)).await;
                 }
                 Err(source) => {
+                    let refused = is_refusal(&source);
                     let error = Error::Broker {
                         operation: what(),
                         source,
                     };
                     reconnects += 1;
-                    if reconnects > self.config.reconnect_attempts {
+                    if refused || reconnects > self.config.reconnect_attempts {
+                        // The next publish finds the closed channel and replaces it.
                         return Err(error.into());
                     }
                     warn!(

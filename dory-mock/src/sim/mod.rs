@@ -93,7 +93,8 @@ pub struct FaultMix {
     /// Control calls (freeze, fetch, load, resume) fail: the next few, or 30% of them for a
     /// few seconds (a flaky network).
     pub control_failure: u32,
-    /// The orchestrator is killed at an arbitrary point and a new one started.
+    /// The orchestrator is killed at an arbitrary point and a new one started, or the leader
+    /// is cut off from its lock but keeps running while a new one takes over.
     pub orchestrator_restart: u32,
     /// The state store is unreachable for a while, or the answers to its next few calls are
     /// lost although the calls took effect.
@@ -305,8 +306,11 @@ struct Simulation {
     hasher_input: Vec<u8>,
     faults: u64,
     moves: u64,
-    leader: Option<(Arc<MemoryLeadership>, RunningOrchestrator)>,
-    events: Option<tokio::sync::broadcast::Receiver<dory_core::orchestrator::Event>>,
+    /// Every orchestrator started and not killed, the newest last (a deposed one may still
+    /// be running).
+    orchestrators: Vec<(Arc<MemoryLeadership>, RunningOrchestrator)>,
+    /// Event streams of every orchestrator started, drained in start order.
+    events: Vec<tokio::sync::broadcast::Receiver<dory_core::orchestrator::Event>>,
     edge: Vec<NodeId>,
 }
 
@@ -394,8 +398,8 @@ impl Simulation {
             hasher_input: Vec::new(),
             faults: 0,
             moves: 0,
-            leader: None,
-            events: None,
+            orchestrators: Vec::new(),
+            events: Vec::new(),
             edge,
         }
     }
@@ -422,15 +426,15 @@ impl Simulation {
         .settings(self.config.settings.clone())
         .planted_fault(self.config.planted)
         .build();
-        self.events = Some(orchestrator.handle().events());
+        self.events.push(orchestrator.handle().events());
         let handle = tokio::spawn(async move {
             let _ = orchestrator.run_until(std::future::pending()).await;
         });
-        self.leader = Some((leadership, handle));
+        self.orchestrators.push((leadership, handle));
     }
 
     fn kill_orchestrator(&mut self) {
-        if let Some((leadership, handle)) = self.leader.take() {
+        for (leadership, handle) in self.orchestrators.drain(..) {
             handle.abort();
             // The dead leader's lock goes with its session, as a Postgres advisory lock or a
             // Kubernetes Lease would after it lapses.
@@ -438,14 +442,34 @@ impl Simulation {
         }
     }
 
+    /// The leader loses its lock (a network partition between it and the store) but keeps
+    /// running: its operations in flight go on until it notices, while a new orchestrator
+    /// takes over. Returns false when no orchestrator led.
+    fn partition_leader(&mut self) -> bool {
+        let Some((leadership, _)) = self.orchestrators.iter().find(|(l, _)| l.leads()) else {
+            return false;
+        };
+        leadership.depose();
+        self.start_orchestrator();
+        true
+    }
+
     fn drain_events(&mut self) {
         let mut lines = Vec::new();
-        if let Some(events) = &mut self.events {
-            while let Ok(event) = events.try_recv() {
-                if matches!(event.kind, dory_core::orchestrator::EventKind::Moved { .. }) {
-                    self.moves += 1;
+        for (n, events) in self.events.iter_mut().enumerate() {
+            loop {
+                match events.try_recv() {
+                    Ok(event) => {
+                        if matches!(event.kind, dory_core::orchestrator::EventKind::Moved { .. }) {
+                            self.moves += 1;
+                        }
+                        lines.push(format!("o{n} {event}"));
+                    }
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(missed)) => {
+                        lines.push(format!("o{n} {missed} events missed"));
+                    }
+                    Err(_) => break,
                 }
-                lines.push(event.to_string());
             }
         }
         for line in lines {
@@ -642,9 +666,17 @@ impl Simulation {
                 }
             }
             8 => {
-                self.record(format!("{} fault orchestrator-restart", now.0));
-                self.kill_orchestrator();
-                self.start_orchestrator();
+                // At most three orchestrators at once; past that, a restart of them all.
+                if self.orchestrators.len() < 3 && self.rng.chance(0.5) {
+                    if !self.partition_leader() {
+                        return;
+                    }
+                    self.record(format!("{} fault leader-partition", now.0));
+                } else {
+                    self.record(format!("{} fault orchestrator-restart", now.0));
+                    self.kill_orchestrator();
+                    self.start_orchestrator();
+                }
             }
             9 if !self.store_faults.outage() => {
                 if self.rng.chance(0.5) {

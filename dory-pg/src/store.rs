@@ -85,6 +85,31 @@ impl PgStore {
             statement_timeout: config.statement_timeout,
             connect_timeout: config.connect_timeout,
         });
+        // One plain connection first: it reports an unreachable database with its real cause
+        // (refused, unknown host, bad password) within the connect timeout, and creates the
+        // schema the pooled connections will point at.
+        let schema = &config.schema;
+        let mut conn = connect_once(&shared.options, shared.connect_timeout)
+            .await
+            .map_err(SetupError::Connect)?;
+        // The name was validated as a plain identifier, so splicing it is safe; DDL takes no
+        // binds.
+        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+        let created = sqlx::query(AssertSqlSafe(create)).execute(&mut conn).await;
+        let _ = conn.close().await;
+        if let Err(e) = created {
+            // Two processes creating the schema at once: the loser's IF NOT EXISTS can still
+            // hit the catalog's unique index. The schema exists either way.
+            let raced =
+                matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"));
+            if !raced {
+                return Err(SetupError::CreateSchema {
+                    schema: schema.clone(),
+                    source: e,
+                });
+            }
+        }
+
         let for_hook = shared.clone();
         let pool = PgPoolOptions::new()
             .max_connections(config.pool_size.max(1))
@@ -101,23 +126,6 @@ impl PgStore {
             .connect_with(shared.options.clone().application_name("dory-pg"))
             .await
             .map_err(SetupError::Connect)?;
-
-        let schema = &config.schema;
-        // The name was validated as a plain identifier, so splicing it is safe; DDL takes no
-        // binds.
-        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
-        if let Err(e) = sqlx::query(AssertSqlSafe(create)).execute(&pool).await {
-            // Two processes creating the schema at once: the loser's IF NOT EXISTS can still
-            // hit the catalog's unique index. The schema exists either way.
-            let raced =
-                matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"));
-            if !raced {
-                return Err(SetupError::CreateSchema {
-                    schema: schema.clone(),
-                    source: e,
-                });
-            }
-        }
         MIGRATOR
             .run(&pool)
             .await
@@ -779,6 +787,21 @@ impl StateStore for PgStore {
     }
 }
 
+/// One connection, given up after `timeout` (reported as a timed-out I/O error, which maps
+/// to unavailable).
+async fn connect_once(
+    options: &PgConnectOptions,
+    timeout: Duration,
+) -> std::result::Result<PgConnection, sqlx::Error> {
+    match tokio::time::timeout(timeout, PgConnection::connect_with(options)).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {timeout:?}"),
+        ))),
+    }
+}
+
 /// Opens a connection outside the pool (the leadership lock needs a session of its own) and
 /// prepares it like a pooled one.
 pub(crate) async fn dedicated(
@@ -786,10 +809,7 @@ pub(crate) async fn dedicated(
     application_name: &str,
 ) -> std::result::Result<PgConnection, sqlx::Error> {
     let options = shared.options.clone().application_name(application_name);
-    let mut conn =
-        tokio::time::timeout(shared.connect_timeout, PgConnection::connect_with(&options))
-            .await
-            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    let mut conn = connect_once(&options, shared.connect_timeout).await?;
     if let Err(e) = prepare(&mut conn, &shared.schema, shared.statement_timeout).await {
         let _ = conn.close().await;
         return Err(e);

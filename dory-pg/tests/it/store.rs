@@ -205,3 +205,24 @@ async fn two_concurrent_writers_only_the_owner_writes() {
     assert_eq!(row.committed, Some((e2, Sequence(40))));
     leadership.resign(term).await.expect("resign");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_url_is_invalid_not_unavailable() {
+    let config = PgConfig::new("not a url at all");
+    match PgStore::connect(&config).await {
+        Err(e @ dory_pg::Error::InvalidUrl(_)) => assert!(!e.is_unavailable()),
+        other => panic!("a bad URL must be InvalidUrl, got {:?}", other.map(drop)),
+    }
+}
+
+#[test]
+fn public_types_and_futures_are_send() {
+    fn shared<T: Send + Sync + 'static>() {}
+    fn send<T: Send>(_: &T) {}
+    shared::<PgStore>();
+    shared::<PgLeadership>();
+    shared::<dory_pg::Error>();
+    let config = PgConfig::new(crate::DEFAULT_URL);
+    // Built, never polled: only its type is checked.
+    send(&PgStore::connect(&config));
+}

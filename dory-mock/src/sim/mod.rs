@@ -294,13 +294,18 @@ struct Simulation {
     rng: SimRng,
     clock: Arc<dyn Clock>,
     store: MemoryStore,
+    /// Faults of the store as the instances reach it.
     store_faults: FaultSwitch,
+    /// Faults of the store as the orchestrator reaches it (an outage hits both; a lost reply
+    /// one side).
+    orchestrator_store_faults: FaultSwitch,
+    /// The store as the orchestrator reaches it.
+    orchestrator_store: Arc<dyn StateStore>,
     broker_faults: FaultSwitch,
     config_source: Arc<dyn ConfigSource>,
     status: Arc<MemoryStatus>,
     cluster: Arc<SimCluster>,
     checker: Arc<Mutex<Checker>>,
-    faulty_store: Arc<dyn StateStore>,
     recoveries: BTreeMap<u64, Vec<Recovery>>,
     trace: Vec<String>,
     hasher_input: Vec<u8>,
@@ -322,6 +327,14 @@ impl Simulation {
         let broker_faults = FaultSwitch::new();
         let faulty_store: Arc<dyn StateStore> =
             Arc::new(FaultyStore::new(store.clone(), store_faults.clone()));
+        // A store round trip takes time, so a crash of the orchestrator can land between a
+        // claim and a launch, or between a commit and a resume.
+        let orchestrator_store_faults = FaultSwitch::new();
+        orchestrator_store_faults.set_latency(Duration::from_millis(3));
+        let orchestrator_store: Arc<dyn StateStore> = Arc::new(FaultyStore::new(
+            store.clone(),
+            orchestrator_store_faults.clone(),
+        ));
         // The checker is the consumer: it sees every confirmed publish, so the broker behind
         // the fault switch only confirms (keeping every message would cost memory per seed).
         let publisher = Arc::new(FaultyPublisher::new(
@@ -387,12 +400,13 @@ impl Simulation {
             clock,
             store,
             store_faults,
+            orchestrator_store_faults,
+            orchestrator_store,
             broker_faults,
             config_source,
             status: Arc::new(MemoryStatus::new()),
             cluster,
             checker,
-            faulty_store,
             recoveries: BTreeMap::new(),
             trace: Vec::new(),
             hasher_input: Vec::new(),
@@ -418,7 +432,7 @@ impl Simulation {
             self.config_source.clone(),
             self.cluster.clone(),
             self.cluster.clone(),
-            self.faulty_store.clone(),
+            self.orchestrator_store.clone(),
             leadership.clone() as Arc<dyn Leadership>,
         )
         .status_sink(self.status.clone())
@@ -681,6 +695,7 @@ impl Simulation {
             9 if !self.store_faults.outage() => {
                 if self.rng.chance(0.5) {
                     self.store_faults.set_outage(true);
+                    self.orchestrator_store_faults.set_outage(true);
                     self.record(format!("{} fault store-outage", now.0));
                     let back = step + span(&mut self.rng, 1, 5);
                     self.schedule(back, Recovery::StoreUp);
@@ -688,8 +703,14 @@ impl Simulation {
                     // The call takes effect but its answer is lost: the ambiguity every
                     // claim, commit and checkpoint must survive.
                     let n = self.rng.between(1, 3);
-                    self.store_faults.lose_next_replies(n);
-                    self.record(format!("{} fault store-lost-replies {n}", now.0));
+                    let side = if self.rng.chance(0.5) {
+                        self.orchestrator_store_faults.lose_next_replies(n);
+                        "orchestrator"
+                    } else {
+                        self.store_faults.lose_next_replies(n);
+                        "instances"
+                    };
+                    self.record(format!("{} fault store-lost-replies {n} ({side})", now.0));
                 }
             }
             10 if !self.broker_faults.outage() => {
@@ -708,7 +729,10 @@ impl Simulation {
             Recovery::Uncordon(n) => self.cluster.uncordon(&n),
             Recovery::RestoreNode(n) => self.cluster.restore_node(&n),
             Recovery::CrashNode(n) => self.cluster.crash_node(&n),
-            Recovery::StoreUp => self.store_faults.set_outage(false),
+            Recovery::StoreUp => {
+                self.store_faults.set_outage(false);
+                self.orchestrator_store_faults.set_outage(false);
+            }
             Recovery::BrokerUp => self.broker_faults.set_outage(false),
         }
     }

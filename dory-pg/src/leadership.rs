@@ -77,9 +77,10 @@ impl PgLeadership {
         }
     }
 
-    /// The same participant polling the lock every `poll` while it waits (default 100 ms).
+    /// The same participant polling the lock every `poll` while it waits (default 100 ms;
+    /// at least 1 ms, so a waiter never spins on the database).
     pub fn with_poll_interval(mut self, poll: Duration) -> Self {
-        self.poll = poll;
+        self.poll = poll.max(Duration::from_millis(1));
         self
     }
 

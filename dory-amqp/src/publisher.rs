@@ -120,11 +120,20 @@ impl AmqpPublisher {
             .saturating_sub(self.window.available_permits())
     }
 
+    /// How many times the connection was replaced after a lost connection or channel.
+    pub fn reconnects(&self) -> u64 {
+        self.lock().link.generation
+    }
+
     /// Waits for every outstanding confirm, then closes the connection. Publishes after this
     /// reconnect.
     pub async fn close(&self) -> dory_core::Result<()> {
         self.flush().await?;
         let link = self.link();
+        if !link.connection.status().connected() {
+            // Already gone (lost, or closed before): nothing left to close.
+            return Ok(());
+        }
         link.connection
             .close(200, "dory publisher closed".into())
             .await

@@ -6,6 +6,7 @@
 //! where it fails: a CI run must never pass by testing nothing.
 
 mod broker;
+mod proxy;
 mod publish;
 mod reconnect;
 mod suite;

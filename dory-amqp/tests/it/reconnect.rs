@@ -1,6 +1,7 @@
 //! A lost channel is replaced and the unconfirmed message sent again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dory_amqp::AmqpPublisher;
@@ -9,6 +10,7 @@ use dory_core::{Epoch, OutputMessage, ProcessorId, Publisher, Sequence};
 use lapin::ExchangeKind;
 
 use crate::broker::{broker, output_message};
+use crate::proxy::Proxy;
 
 fn message(processor: &ProcessorId, sequence: u64) -> OutputMessage {
     OutputMessage {
@@ -110,5 +112,96 @@ async fn without_reconnects_a_lost_channel_is_unavailable() {
         err.to_string().contains(&exchange),
         "names the exchange: {err}"
     );
+    broker.clean_up().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connection_resends_every_unconfirmed_message() {
+    let Some(broker) = broker("lost_connection_resends_every_unconfirmed_message").await else {
+        return;
+    };
+    let exchange = broker.exchange("lostconn", ExchangeKind::Fanout).await;
+    let queue = broker.bound_queue(&exchange, "").await;
+    let proxy = Proxy::start(&broker.url).await;
+    let mut config = broker.config(&exchange).with_reconnect(
+        20,
+        Duration::from_millis(20),
+        Duration::from_millis(200),
+    );
+    config.url = proxy.url.clone();
+    let publisher = Arc::new(
+        AmqpPublisher::connect(config)
+            .await
+            .unwrap_or_else(|e| panic!("connect through the proxy: {e}")),
+    );
+
+    // Many processors publish sequences at once; the connection is cut three times while
+    // messages are unconfirmed (with ten publishing, some always are).
+    const PROCESSORS: usize = 10;
+    const EACH: u64 = 100;
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut processors = Vec::new();
+    for _ in 0..PROCESSORS {
+        let p = unique_processor("lostconn");
+        processors.push(p.clone());
+        let publisher = Arc::clone(&publisher);
+        let confirmed = Arc::clone(&confirmed);
+        tasks.spawn(async move {
+            for s in 1..=EACH {
+                publisher
+                    .publish(message(&p, s))
+                    .await
+                    .unwrap_or_else(|e| panic!("publish {p} #{s} across a lost connection: {e}"));
+                confirmed.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    for at in [100, 400, 700] {
+        while confirmed.load(Ordering::SeqCst) < at {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        proxy.cut();
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap_or_else(|e| panic!("publish task: {e}"));
+    }
+    publisher
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    assert!(
+        publisher.reconnects() >= 1,
+        "the publisher noticed the cut connections"
+    );
+
+    let mut got: Vec<(String, u64)> = Vec::new();
+    for delivery in broker.drain(&queue).await {
+        let m = output_message(&delivery).unwrap_or_else(|e| panic!("read back: {e}"));
+        got.push((m.processor.to_string(), m.sequence.0));
+    }
+    for p in &processors {
+        let sequences: Vec<u64> = got
+            .iter()
+            .filter(|(q, _)| q == p.as_str())
+            .map(|(_, s)| *s)
+            .collect();
+        // At least once, in order: duplicates only repeat what came before.
+        let mut highest = 0;
+        for &s in &sequences {
+            assert!(
+                s <= highest + 1,
+                "{p}: #{s} overtook #{} ({sequences:?})",
+                highest + 1
+            );
+            highest = highest.max(s);
+        }
+        assert_eq!(highest, EACH, "{p}: every message arrived ({sequences:?})");
+    }
+    publisher
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close: {e}"));
+    drop(proxy);
     broker.clean_up().await;
 }

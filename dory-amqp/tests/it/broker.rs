@@ -108,7 +108,19 @@ impl Broker {
     /// Declares a queue bound to `exchange` with `binding_key`. It is exclusive to this
     /// connection, so the broker removes it even if the test panics before cleaning up.
     pub(crate) async fn bound_queue(&self, exchange: &str, binding_key: &str) -> String {
+        self.bound_queue_with(exchange, binding_key, |_| {}).await
+    }
+
+    /// [`bound_queue`](Broker::bound_queue) with queue arguments set by `arguments`.
+    pub(crate) async fn bound_queue_with(
+        &self,
+        exchange: &str,
+        binding_key: &str,
+        arguments: impl FnOnce(&mut FieldTable),
+    ) -> String {
         let name = unique_name("dory-it-q");
+        let mut table = FieldTable::default();
+        arguments(&mut table);
         self.channel
             .queue_declare(
                 name.as_str().into(),
@@ -116,7 +128,7 @@ impl Broker {
                     exclusive: true,
                     ..QueueDeclareOptions::default()
                 },
-                FieldTable::default(),
+                table,
             )
             .await
             .unwrap_or_else(|e| panic!("declare queue {name}: {e}"));

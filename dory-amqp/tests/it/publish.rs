@@ -148,3 +148,52 @@ async fn setup_errors_are_clear() {
     ));
     broker.clean_up().await;
 }
+
+#[tokio::test]
+async fn nacked_message_is_retried_then_unavailable() {
+    let Some(broker) = broker("nacked_message_is_retried_then_unavailable").await else {
+        return;
+    };
+    let exchange = broker.exchange("nack", ExchangeKind::Fanout).await;
+    // A full queue that rejects publishes makes the broker nack: a refusal that may pass
+    // (a consumer could make room), so it is retried, then reported as retryable.
+    let queue = broker
+        .bound_queue_with(&exchange, "", |args| {
+            args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        })
+        .await;
+    let publisher = AmqpPublisher::connect(
+        broker
+            .config(&exchange)
+            .with_nack_retries(2)
+            .with_reconnect(3, Duration::from_millis(10), Duration::from_millis(10)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect: {e}"));
+    let p = unique_processor("nack");
+    publisher
+        .publish(message(&p, 1, None))
+        .await
+        .unwrap_or_else(|e| panic!("publish into the empty queue: {e}"));
+    let err = publisher
+        .publish(message(&p, 2, None))
+        .await
+        .expect_err("the full queue nacks");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(err.to_string().contains("nack"), "{err}");
+    // Room again: the same message goes through.
+    broker.drain(&queue).await;
+    publisher
+        .publish(message(&p, 2, None))
+        .await
+        .unwrap_or_else(|e| panic!("publish once there is room: {e}"));
+    publisher
+        .close()
+        .await
+        .unwrap_or_else(|e| panic!("close: {e}"));
+    broker.clean_up().await;
+}

@@ -85,38 +85,14 @@ impl PgStore {
             statement_timeout: config.statement_timeout,
             connect_timeout: config.connect_timeout,
         });
-        // One plain connection first: it reports an unreachable database with its real cause
-        // (refused, unknown host, bad password) within the connect timeout, and creates the
-        // schema the pooled connections will point at.
-        let schema = &config.schema;
-        let mut conn = connect_once(&shared.options, shared.connect_timeout)
-            .await
-            .map_err(SetupError::Connect)?;
-        // The name was validated as a plain identifier, so splicing it is safe; DDL takes no
-        // binds.
-        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
-        let created = sqlx::query(AssertSqlSafe(create)).execute(&mut conn).await;
-        let _ = conn.close().await;
-        if let Err(e) = created {
-            // Two processes creating the schema at once: the loser's IF NOT EXISTS can still
-            // hit the catalog's unique index. The schema exists either way.
-            let raced =
-                matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"));
-            if !raced {
-                return Err(SetupError::CreateSchema {
-                    schema: schema.clone(),
-                    source: e,
-                });
-            }
-        }
+        migrate(&shared).await?;
 
         let for_hook = shared.clone();
         let pool = PgPoolOptions::new()
             .max_connections(config.pool_size.max(1))
             .acquire_timeout(config.connect_timeout)
-            // Every pooled connection works in the configured schema, sqlx's migrations
-            // table included, so deployments (and parallel tests) sharing a database never
-            // see each other's rows.
+            // Every pooled connection works in the configured schema, so deployments (and
+            // parallel tests) sharing a database never see each other's rows.
             .after_connect(move |conn, _meta| {
                 let shared = for_hook.clone();
                 Box::pin(
@@ -126,14 +102,7 @@ impl PgStore {
             .connect_with(shared.options.clone().application_name("dory-pg"))
             .await
             .map_err(SetupError::Connect)?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|source| SetupError::Migrate {
-                schema: schema.clone(),
-                source,
-            })?;
-        tracing::info!(target: TARGET, schema = %schema, "state store ready");
+        tracing::info!(target: TARGET, schema = %shared.schema, "state store ready");
         Ok(PgStore { pool, shared })
     }
 
@@ -154,6 +123,53 @@ impl PgStore {
     async fn begin(&self, what: &str) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         self.pool.begin().await.map_err(sql(what))
     }
+}
+
+/// Creates the schema if missing and applies the migrations in it (sqlx's
+/// `_sqlx_migrations` table included). Idempotent; concurrent runs wait for each other on
+/// sqlx's migration lock.
+async fn migrate(shared: &Shared) -> std::result::Result<(), SetupError> {
+    let schema = shared.schema.clone();
+    // One plain connection first: it reports an unreachable database with its real cause
+    // (refused, unknown host, bad password) within the connect timeout.
+    let mut conn = connect_once(&shared.options, shared.connect_timeout)
+        .await
+        .map_err(SetupError::Connect)?;
+    // The name was validated as a plain identifier, so splicing it is safe; DDL takes no binds.
+    let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+    let created = sqlx::query(AssertSqlSafe(create)).execute(&mut conn).await;
+    let _ = conn.close().await;
+    if let Err(e) = created {
+        // Two processes creating the schema at once: the loser's IF NOT EXISTS can still hit
+        // the catalog's unique index. The schema exists either way.
+        let raced =
+            matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"));
+        if !raced {
+            return Err(SetupError::CreateSchema { schema, source: e });
+        }
+    }
+    // Migrations run without the statement timeout: waiting for another process's
+    // migrations, or one long migration, is not a stuck statement. A one-connection pool,
+    // because the migrator takes a pool (or a connection only through a hidden API).
+    let hook_schema = schema.clone();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(shared.connect_timeout)
+        .after_connect(move |conn, _meta| {
+            let schema = hook_schema.clone();
+            Box::pin(async move { prepare(conn, &schema, Duration::ZERO).await })
+        })
+        .connect_with(
+            shared
+                .options
+                .clone()
+                .application_name("dory-pg migrations"),
+        )
+        .await
+        .map_err(SetupError::Connect)?;
+    let migrated = MIGRATOR.run(&pool).await;
+    pool.close().await;
+    migrated.map_err(|source| SetupError::Migrate { schema, source })
 }
 
 /// Runs one store operation, logging its outcome under [`TARGET`]: slow ones and

@@ -226,3 +226,30 @@ fn public_types_and_futures_are_send() {
     // Built, never polled: only its type is checked.
     send(&PgStore::connect(&config));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_work_in_the_schema_with_the_timeout() {
+    let Some(db) = test_db("conn").await else {
+        return;
+    };
+    let (schema, timeout): (String, String) =
+        sqlx::query_as("SELECT current_schema()::text, current_setting('statement_timeout')")
+            .fetch_one(db.store.pool())
+            .await
+            .expect("settings");
+    assert_eq!(schema, db.config.schema);
+    assert_eq!(timeout, "10s");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = $1 ORDER BY table_name",
+    )
+    .bind(&db.config.schema)
+    .fetch_all(db.store.pool())
+    .await
+    .expect("tables");
+    assert_eq!(
+        tables,
+        ["_sqlx_migrations", "leadership", "ownership", "snapshots"],
+        "every table, sqlx's migrations included, lives in the configured schema"
+    );
+}

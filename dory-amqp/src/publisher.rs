@@ -28,8 +28,8 @@ const SLOW_PUBLISH: Duration = Duration::from_secs(1);
 /// confirms, so a confirm means the message survives a broker restart.
 const PERSISTENT: u8 = 2;
 
-/// Header names, one per part of the message id, so consumers (and header exchanges) need
-/// not parse the id.
+/// The header carrying the processor id, as a string. Each part of the message id has a
+/// header of its own, so consumers (and header exchanges) need not parse the id.
 pub const HEADER_PROCESSOR: &str = "dory-processor";
 /// The writing instance's epoch, as a signed 64-bit integer.
 pub const HEADER_EPOCH: &str = "dory-epoch";
@@ -114,6 +114,9 @@ impl AmqpPublisher {
     }
 
     /// How many messages are published (or waiting to be sent again) and not yet confirmed.
+    ///
+    /// While a [`flush`](Publisher::flush) waits, it holds the slots freed so far, and they
+    /// count here too.
     pub fn in_flight(&self) -> usize {
         self.config
             .window

@@ -29,8 +29,8 @@ const MAX_LEASE_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
 /// The migrations in `migrations/`, embedded at build time.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
-/// What a store and the leadership participants made from it share.
-#[derive(Debug)]
+/// What a store and the leadership participants made from it share. Not `Debug`: the
+/// connect options hold the password.
 pub(crate) struct Shared {
     pub(crate) options: PgConnectOptions,
     pub(crate) schema: String,
@@ -67,10 +67,20 @@ pub(crate) async fn prepare(
 /// after they are read.
 ///
 /// It is a cheap handle: clones share one connection pool.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
     shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PgStore {
+    // Only what is safe to log: the connect options would show the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("schema", &self.shared.schema)
+            .field("pool_size", &self.pool.size())
+            .finish()
+    }
 }
 
 impl PgStore {

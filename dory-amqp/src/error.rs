@@ -10,7 +10,8 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The broker URL does not parse or has a scheme other than `amqp://` or `amqps://`.
+    /// The broker URL does not parse, has a scheme other than `amqp://`, or asks for TLS
+    /// (`amqps://`), which this build cannot provide.
     #[error("bad AMQP URL {url}: {reason}")]
     BadUrl {
         /// The URL, password removed.

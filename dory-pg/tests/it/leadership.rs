@@ -104,3 +104,45 @@ async fn a_terminated_leader_is_replaced_and_its_late_writes_refused() {
     assert!(ta2 > tb, "a's new term {ta2} must be above {tb}");
     a.resign(ta2).await.expect("a resigns");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_term_waits_for_writes_deciding_under_the_old_one() {
+    let Some(db) = test_db("share").await else {
+        return;
+    };
+    let store = &db.store;
+    let a = PgLeadership::new(store, unique_name("a"));
+    let b =
+        PgLeadership::new(store, unique_name("b")).with_poll_interval(Duration::from_millis(20));
+    let ta = a.acquire().await.expect("a acquires");
+
+    // An orchestrator write under ta that has read the term row and not yet committed, as
+    // every term-fenced write does.
+    let mut write = store.pool().begin().await.expect("begin");
+    let seen: i64 = sqlx::query_scalar("SELECT term FROM leadership WHERE id = 1 FOR SHARE")
+        .fetch_one(&mut *write)
+        .await
+        .expect("read the term FOR SHARE");
+    assert_eq!(u64::try_from(seen).ok(), Some(ta.0));
+    a.resign(ta).await.expect("a resigns");
+
+    let watch = async {
+        // b has the lock by now, but its increment must wait for the write to end.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let current: i64 = sqlx::query_scalar("SELECT term FROM leadership WHERE id = 1")
+            .fetch_one(store.pool())
+            .await
+            .expect("read the term");
+        write.commit().await.expect("commit the write");
+        current
+    };
+    let (tb, current) = tokio::join!(tokio::time::timeout(PATIENCE, b.acquire()), watch);
+    assert_eq!(
+        u64::try_from(current).ok(),
+        Some(ta.0),
+        "the new term must not be visible while a write under {ta} is deciding"
+    );
+    let tb = tb.expect("b acquires in time").expect("b acquires");
+    assert!(tb > ta, "b's term {tb} must be above {ta}");
+    b.resign(tb).await.expect("b resigns");
+}

@@ -41,7 +41,8 @@ pub struct AmqpConfig {
     pub window: usize,
     /// How long connecting (TCP, TLS, AMQP handshake, channel set-up) may take.
     pub connect_timeout: Duration,
-    /// How often a message the broker refused (nack) is sent again before the publish fails.
+    /// How often a message the broker refused (nack) is sent again, with the reconnect
+    /// backoff between tries, before the publish fails.
     pub nack_retries: u32,
     /// How often, after a lost connection or channel, the publisher reconnects (with
     /// exponential backoff) before a publish fails; `0` turns reconnecting off.

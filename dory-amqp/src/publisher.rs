@@ -201,8 +201,9 @@ impl AmqpPublisher {
         }
     }
 
-    /// The delay before reconnect attempt `attempt` (1-based): doubling, capped.
-    fn reconnect_delay(&self, attempt: u32) -> Duration {
+    /// The delay before retry `attempt` (1-based) of a nacked message or a reconnect: doubling
+    /// from `reconnect_delay`, capped at `reconnect_max_delay`.
+    fn backoff(&self, attempt: u32) -> Duration {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
         self.config
             .reconnect_delay
@@ -440,7 +441,7 @@ impl Publisher for AmqpPublisher {
                         )));
                     }
                     warn!(target: TARGET, message_id = %id, nacks, "broker nacked; sending again");
-                    tokio::time::sleep(self.reconnect_delay(nacks)).await;
+                    tokio::time::sleep(self.backoff(nacks)).await;
                 }
                 Err(source) => {
                     let refused = is_refusal(&source);
@@ -460,7 +461,7 @@ impl Publisher for AmqpPublisher {
                         error = %error,
                         "connection or channel lost; reconnecting to send again"
                     );
-                    tokio::time::sleep(self.reconnect_delay(reconnects)).await;
+                    tokio::time::sleep(self.backoff(reconnects)).await;
                     if let Err(e) = self.relink(link.generation).await {
                         // The next round sends on the broken link, fails fast and counts
                         // another attempt, so a broker that stays away ends the publish.

@@ -1,9 +1,11 @@
 //! Postgres backends for Dory: the fenced [`StateStore`](dory_core::StateStore)
-//! ([`PgStore`]) and orchestrator [`Leadership`](dory_core::Leadership) ([`PgLeadership`]).
+//! ([`PgStore`]), orchestrator [`Leadership`](dory_core::Leadership) ([`PgLeadership`]), the
+//! [`ConfigSource`](dory_core::ConfigSource) with `LISTEN`/`NOTIFY` change nudges
+//! ([`PgConfigSource`]) and the [`StatusSink`](dory_core::StatusSink) ([`PgStatus`]).
 //!
-//! One database can serve many orchestrator replicas and every processor instance: ownership
-//! rows, snapshots and the leadership term live in one schema, and every write that must be
-//! fenced is decided inside one transaction under a row lock.
+//! One database can serve many orchestrator replicas and every processor instance: desired
+//! processors, ownership rows, snapshots, status and the leadership term live in one schema,
+//! and every write that must be fenced is decided inside one transaction under a row lock.
 //!
 //! ```no_run
 //! use dory_core::{Leadership, ProcessorId, StateStore};
@@ -33,6 +35,12 @@
 //! | `ownership` | `processor` | `owner`, `highest`, `newest_owner`, `lease_expires`, `committed_epoch`, `committed_seq`, `committed_at` | who may write each processor's state: the owning epoch, the highest claimed, the newest that ever owned (ownership only moves above it), the owner's lease and the committed checkpoint |
 //! | `snapshots` | `(processor, epoch, sequence)` | `size`, `created_at`, `body` | encoded snapshots (header and zstd body, stored without a second compression: `STORAGE EXTERNAL`), verified on write and on read |
 //! | `leadership` | `id` (always 1) | `term`, `holder`, `since` | the fencing term: incremented by each new leader, compared by every orchestrator write |
+//! | `processors` | `id` | `spec` (`jsonb`), `updated_at` | the desired processors, written by users or their tools: `id` is unchecked text, so a bad row is reported in [`DesiredState::invalid`](dory_core::DesiredState::invalid) rather than refused; `spec` holds the other [`ProcessorSpec`](dory_core::ProcessorSpec) fields as serde JSON |
+//! | `intents` | `(kind, subject)` | `node`, `recorded_at` | operator intents: `pin` (subject a processor, `node` where to run it) and `cordon` (subject a node) |
+//! | `status` | `processor` | `phase`, `node`, `site`, `epoch`, `last_error`, `updated_at`, `body` | observed status for users to `SELECT`; `body` is the whole [`ProcessorStatus`](dory_core::ProcessorStatus) as JSON |
+//!
+//! Statement-level triggers on `processors` and `intents` `NOTIFY` the channel
+//! `dory_config_<schema>` (cut to 63 bytes), which [`PgConfigSource`] listens on.
 //!
 //! # Fencing
 //!
@@ -48,9 +56,13 @@
 mod config;
 mod error;
 mod leadership;
+mod source;
+mod status;
 mod store;
 
 pub use config::{DEFAULT_SCHEMA, PgConfig};
 pub use error::Error;
 pub use leadership::PgLeadership;
+pub use source::PgConfigSource;
+pub use status::PgStatus;
 pub use store::PgStore;

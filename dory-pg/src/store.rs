@@ -184,7 +184,7 @@ async fn migrate(shared: &Shared) -> std::result::Result<(), SetupError> {
 
 /// Runs one store operation, logging its outcome under [`TARGET`]: slow ones and
 /// unavailability at `warn`, the rest at `debug`.
-async fn logged<T>(what: &str, op: impl Future<Output = Result<T>>) -> Result<T> {
+pub(crate) async fn logged<T>(what: &str, op: impl Future<Output = Result<T>>) -> Result<T> {
     let started = Instant::now();
     let result = op.await;
     let elapsed = started.elapsed();

@@ -6,7 +6,9 @@
 //! skip line and pass, except under `CI=true`, where they fail. Each test works in a schema
 //! of its own, dropped at the end, so the tests run in parallel.
 
+mod config;
 mod leadership;
+mod status;
 mod store;
 
 use std::sync::atomic::{AtomicU64, Ordering};

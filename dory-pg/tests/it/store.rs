@@ -241,7 +241,7 @@ async fn pooled_connections_work_in_the_schema_with_the_timeout() {
     assert_eq!(timeout, "10s");
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables \
-         WHERE table_schema = $1 ORDER BY table_name",
+         WHERE table_schema = $1 ORDER BY table_name COLLATE \"C\"",
     )
     .bind(&db.config.schema)
     .fetch_all(db.store.pool())
@@ -249,7 +249,15 @@ async fn pooled_connections_work_in_the_schema_with_the_timeout() {
     .expect("tables");
     assert_eq!(
         tables,
-        ["_sqlx_migrations", "leadership", "ownership", "snapshots"],
+        [
+            "_sqlx_migrations",
+            "intents",
+            "leadership",
+            "ownership",
+            "processors",
+            "snapshots",
+            "status"
+        ],
         "every table, sqlx's migrations included, lives in the configured schema"
     );
 }

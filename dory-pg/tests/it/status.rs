@@ -1,0 +1,64 @@
+//! The status sink: the shared suite, and the queryable columns users read.
+
+use dory_core::testing::{status_sink_suite, unique_name};
+use dory_core::{Epoch, NodeId, ProcessorStatus, Site, StatusSink, Timestamp};
+use dory_pg::PgStatus;
+
+use crate::test_db;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_sink_suite_passes() {
+    let Some(db) = test_db("status").await else {
+        return;
+    };
+    status_sink_suite(&PgStatus::new(&db.store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_columns_can_be_queried() {
+    let Some(db) = test_db("status_cols").await else {
+        return;
+    };
+    let sink = PgStatus::new(&db.store);
+    let id = unique_name("cols");
+    sink.upsert(&[ProcessorStatus {
+        processor: id.clone(),
+        phase: "failed".into(),
+        node: Some(NodeId::new("node-7")),
+        site: Some(Site::Cloud),
+        epoch: Some(Epoch(3)),
+        last_error: Some("exited(1)".into()),
+        updated_at: Timestamp(1_700_000_000_123),
+        ..ProcessorStatus::default()
+    }])
+    .await
+    .expect("upsert");
+    type Row = (
+        String,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        i64,
+    );
+    let row: Row = sqlx::query_as(
+        "SELECT phase, node, site, epoch, last_error, \
+                floor(extract(epoch from updated_at) * 1000)::bigint \
+         FROM status WHERE processor = $1",
+    )
+    .bind(&id)
+    .fetch_one(db.store.pool())
+    .await
+    .expect("select");
+    assert_eq!(
+        row,
+        (
+            "failed".to_string(),
+            Some("node-7".to_string()),
+            Some("cloud".to_string()),
+            Some(3),
+            Some("exited(1)".to_string()),
+            1_700_000_000_123
+        )
+    );
+}

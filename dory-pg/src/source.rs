@@ -17,8 +17,8 @@ use crate::error::map_sqlx;
 use crate::error::sql;
 use crate::store::{PgStore, Shared, TARGET, logged, prepare};
 
-/// The first wait before reconnecting a listener whose connection failed; it doubles up to
-/// [`MAX_BACKOFF`].
+/// The wait before reconnecting a listener whose connection was lost; it doubles after each
+/// failed attempt, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The longest wait between reconnect attempts.
@@ -40,7 +40,8 @@ const MAX_IDENTIFIER: usize = 63;
 ///
 /// A row that does not parse or validate is listed in [`DesiredState::invalid`] with an error
 /// naming the row and the field; the other rows are unaffected. Pins recorded through
-/// [`record_intent`](ConfigSource::record_intent) override the `pin` of a row's spec.
+/// [`record_intent`](ConfigSource::record_intent) (kept in `intents`) override a `pin` written
+/// into a row's spec; an unpin removes only the recorded pin.
 ///
 /// Triggers on both tables `NOTIFY` the channel [`channel`](PgConfigSource::channel). A
 /// background task `LISTEN`s there on a connection of its own, started before
@@ -184,6 +185,12 @@ impl Listener {
             let (pool, mut session) = match current.take() {
                 Some(live) => live,
                 None => {
+                    // Wait before every attempt, the first included: a session that was just
+                    // cut is often cut because the server is restarting or shedding load.
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
                     let connected = tokio::select! {
                         _ = &mut stop => return,
                         connected = self.connect() => connected,
@@ -192,18 +199,14 @@ impl Listener {
                         Ok(live) => {
                             tracing::info!(target: TARGET, channel = %self.channel, "config listener reconnected");
                             backoff = FIRST_BACKOFF;
-                            // Whatever changed while nobody listened was not notified to
-                            // anyone: subscribers must re-list.
+                            // Whatever changed while nobody listened was notified to nobody:
+                            // subscribers must re-list.
                             notifier.notify();
                             live
                         }
                         Err(e) => {
-                            tracing::warn!(target: TARGET, channel = %self.channel, error = %e, retry_in = ?backoff, "config listener cannot reconnect");
-                            tokio::select! {
-                                _ = &mut stop => return,
-                                _ = tokio::time::sleep(backoff) => {}
-                            }
                             backoff = (backoff * 2).min(MAX_BACKOFF);
+                            tracing::warn!(target: TARGET, channel = %self.channel, error = %e, retry_in = ?backoff, "config listener cannot reconnect");
                             continue;
                         }
                     }
@@ -395,6 +398,11 @@ impl ConfigSource for PgConfigSource {
                     }
                 }
                 Intent::Cordon { node } => {
+                    if node.as_str().is_empty() {
+                        return Err(Error::invalid(format!(
+                            "{what}: field `node` must name a node"
+                        )));
+                    }
                     sqlx::query(
                         "INSERT INTO intents (kind, subject) VALUES ('cordon', $1) \
                          ON CONFLICT (kind, subject) DO NOTHING",

@@ -24,6 +24,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How long the listening session may stay quiet before the task checks it is still alive.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
 /// The longest Postgres identifier, and so channel name, in bytes.
 const MAX_IDENTIFIER: usize = 63;
 
@@ -47,8 +50,9 @@ const MAX_IDENTIFIER: usize = 63;
 /// background task `LISTEN`s there on a connection of its own, started before
 /// [`new`](PgConfigSource::new) returns, so no change made after that is missed. When that
 /// connection is lost, the task reconnects with backoff and then nudges every subscriber, who
-/// re-lists and so sees whatever changed while nobody listened. The task stops when the
-/// source is dropped.
+/// re-lists and so sees whatever changed while nobody listened. A session quiet for 30 s is
+/// checked with a query, so a connection cut without a reset is noticed too. The task stops
+/// when the source is dropped.
 pub struct PgConfigSource {
     pool: PgPool,
     schema: String,
@@ -220,6 +224,20 @@ impl Listener {
                         return;
                     }
                     received = session.try_recv() => received,
+                    _ = tokio::time::sleep(KEEPALIVE) => {
+                        // A quiet session may be half-open (a cut without a reset leaves
+                        // `try_recv` waiting for ever): ask the server, with a deadline.
+                        // Notifications arriving meanwhile are buffered, not lost.
+                        let ping = sqlx::query("SELECT 1").execute(&mut session);
+                        match tokio::time::timeout(self.shared.connect_timeout, ping).await {
+                            Ok(Ok(_)) => continue,
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "no answer to the keepalive query",
+                            ))),
+                        }
+                    }
                 };
                 match received {
                     Ok(Some(_)) => notifier.notify(),

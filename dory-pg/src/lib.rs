@@ -8,13 +8,17 @@
 //! and every write that must be fenced is decided inside one transaction under a row lock.
 //!
 //! ```no_run
-//! use dory_core::{Leadership, ProcessorId, StateStore};
-//! use dory_pg::{PgConfig, PgLeadership, PgStore};
+//! use dory_core::{ConfigSource, Leadership, ProcessorId, StateStore};
+//! use dory_pg::{PgConfig, PgConfigSource, PgLeadership, PgStatus, PgStore};
 //!
 //! # async fn run() -> Result<(), dory_core::Error> {
 //! let config = PgConfig::new("postgres://dory@localhost:5432/dory?sslmode=prefer")
 //!     .with_schema("dory");
 //! let store = PgStore::connect(&config).await?;
+//! let config_source = PgConfigSource::new(&store).await?;
+//! let desired = config_source.desired().await?;
+//! println!("{} processors, {} invalid", desired.processors.len(), desired.invalid.len());
+//! let _status = PgStatus::new(&store);
 //! let leadership = PgLeadership::new(&store, "orchestrator-1");
 //! let term = leadership.acquire().await?;
 //! let epoch = store.claim_epoch(&ProcessorId::new("counter")?, term).await?;

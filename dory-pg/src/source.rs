@@ -13,8 +13,7 @@ use dory_core::{
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::oneshot;
 
-use crate::error::map_sqlx;
-use crate::error::sql;
+use crate::error::{map_sqlx, sql};
 use crate::store::{PgStore, Shared, TARGET, logged, prepare};
 
 /// The wait before reconnecting a listener whose connection was lost; it doubles after each
@@ -83,6 +82,10 @@ fn channel_of(schema: &str) -> String {
 impl PgConfigSource {
     /// A config source over `store`'s schema, sharing its connection pool. The change
     /// listener is connected and listening when this returns.
+    ///
+    /// Fails ([`Error::Unavailable`] when the database cannot be reached) if the listening
+    /// session cannot be opened. Must be called inside a tokio runtime: the listener runs as a
+    /// task on it.
     pub async fn new(store: &PgStore) -> Result<PgConfigSource> {
         let shared = store.shared().clone();
         let channel = channel_of(&shared.schema);

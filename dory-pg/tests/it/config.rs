@@ -234,3 +234,43 @@ async fn dropping_the_source_stops_its_listener() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_pin_overrides_the_specs_own() {
+    let Some(db) = test_db("pin_wins").await else {
+        return;
+    };
+    let p = unique_processor("pinned");
+    put_row(&db.store, p.as_str(), r#"{"pin": "from-spec"}"#).await;
+    let source = PgConfigSource::new(&db.store).await.expect("config source");
+    let pin_of = |d: &dory_core::DesiredState| {
+        d.processors
+            .iter()
+            .find(|s| s.id == p)
+            .and_then(|s| s.pin.clone())
+    };
+    let desired = source.desired().await.expect("desired");
+    assert_eq!(pin_of(&desired), Some(NodeId::new("from-spec")));
+    source
+        .record_intent(&Intent::Pin {
+            processor: p.clone(),
+            node: Some(NodeId::new("from-intent")),
+        })
+        .await
+        .expect("pin");
+    let desired = source.desired().await.expect("desired");
+    assert_eq!(pin_of(&desired), Some(NodeId::new("from-intent")));
+    source
+        .record_intent(&Intent::Pin {
+            processor: p.clone(),
+            node: None,
+        })
+        .await
+        .expect("unpin");
+    let desired = source.desired().await.expect("desired");
+    assert_eq!(
+        pin_of(&desired),
+        Some(NodeId::new("from-spec")),
+        "an unpin removes only the recorded pin"
+    );
+}

@@ -62,3 +62,21 @@ async fn status_columns_can_be_queried() {
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_body_is_an_error_naming_the_row() {
+    let Some(db) = test_db("status_bad").await else {
+        return;
+    };
+    let sink = PgStatus::new(&db.store);
+    sqlx::query(
+        "INSERT INTO status (processor, phase, updated_at, body) \
+         VALUES ('edited', 'running', now(), '{\"phase\": 7}')",
+    )
+    .execute(db.store.pool())
+    .await
+    .expect("insert");
+    let err = sink.read().await.expect_err("a body that does not parse");
+    assert!(matches!(err, dory_core::Error::Invalid(_)), "{err}");
+    assert!(err.to_string().contains("\"edited\""), "{err}");
+}

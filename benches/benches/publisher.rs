@@ -10,7 +10,7 @@
 //!
 //! - Dory: one task per message in flight (a `JoinSet` holding at most `W`), each awaiting
 //!   `Publisher::publish`, which resolves on the broker's confirm; the publisher's window is
-//!   `W` too.
+//!   `W` too. At W = 1 each publish is awaited in line, as the processor runtime does.
 //! - Raw lapin: one channel in confirm mode; `basic_publish` (persistent, mandatory), keeping at
 //!   most `W` confirm futures and awaiting the oldest before the next publish.
 //!
@@ -62,7 +62,7 @@ fn plans(full: bool) -> Vec<Plan> {
             Plan {
                 window: 1,
                 count: 1_000,
-                rounds: 3,
+                rounds: 5,
             },
         ]
     } else {
@@ -261,6 +261,21 @@ async fn dory_run(
     window: usize,
     payload: &[u8],
 ) -> Result<Duration> {
+    let message = |i: usize| OutputMessage {
+        processor: processor.clone(),
+        epoch: Epoch(1),
+        sequence: Sequence(first + i as u64 + 1),
+        routing_key: None,
+        payload: payload.to_vec(),
+    };
+    if window == 1 {
+        // Waiting on each, as the processor runtime publishes: awaited in line, no task.
+        let started = Instant::now();
+        for i in 0..count {
+            publisher.publish(message(i)).await?;
+        }
+        return Ok(started.elapsed());
+    }
     let mut tasks = JoinSet::new();
     let started = Instant::now();
     for i in 0..count {
@@ -269,13 +284,7 @@ async fn dory_run(
         {
             done??;
         }
-        let message = OutputMessage {
-            processor: processor.clone(),
-            epoch: Epoch(1),
-            sequence: Sequence(first + i as u64 + 1),
-            routing_key: None,
-            payload: payload.to_vec(),
-        };
+        let message = message(i);
         let publisher = Arc::clone(publisher);
         tasks.spawn(async move { publisher.publish(message).await });
     }

@@ -21,6 +21,7 @@ pub mod env;
 pub mod error;
 pub mod model;
 pub mod orchestrator;
+pub mod ownership;
 pub mod planner;
 pub mod snapshot;
 #[cfg(feature = "testing")]

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use dory_core::ownership::OwnershipRules;
 use dory_core::testing::SnapshotCorruptor;
 use dory_core::{
     Clock, Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
@@ -69,34 +70,15 @@ impl Row {
         }
     }
 
-    /// Refuses a checkpoint write from anyone but the owner.
-    fn check_owner(&self, processor: &ProcessorId, epoch: Epoch, what: &str) -> Result<()> {
-        match self.owner {
-            Some(owner) if owner == epoch => Ok(()),
-            Some(owner) => Err(Error::fenced(format!(
-                "{what} of processor {processor} from epoch {epoch}: {owner} owns it"
-            ))),
-            None => Err(Error::fenced(format!(
-                "{what} of processor {processor} from epoch {epoch}: no epoch owns it"
-            ))),
+    /// The row as the shared ownership rules see it at `now`.
+    fn rules(&self, now: Timestamp) -> OwnershipRules {
+        OwnershipRules {
+            owner: self.owner,
+            highest: self.highest,
+            newest_owner: self.newest_owner,
+            lease_running: self.lease_expires.is_some_and(|expires| expires > now),
+            committed: self.committed,
         }
-    }
-
-    /// Refuses an epoch that was never claimed or is not newer than every earlier owner.
-    fn check_new_owner(&self, processor: &ProcessorId, epoch: Epoch, what: &str) -> Result<()> {
-        if epoch > self.highest {
-            return Err(Error::invalid(format!(
-                "{what} of processor {processor} to epoch {epoch}: never claimed (highest claimed is {})",
-                self.highest
-            )));
-        }
-        if epoch <= self.newest_owner {
-            return Err(Error::fenced(format!(
-                "{what} of processor {processor} to epoch {epoch}: not newer than {}, which already owned it",
-                self.newest_owner
-            )));
-        }
-        Ok(())
     }
 
     fn store(
@@ -310,26 +292,12 @@ impl StateStore for MemoryStore {
                 "{what} of processor {processor} to epoch {epoch}: no epoch was ever claimed"
             ))
         })?;
-        if row.owner != expected {
-            return Err(Error::conflict(format!(
-                "{what} of processor {processor} to epoch {epoch}: expected owner {}, but it is {}",
-                show(expected),
-                show(row.owner)
-            )));
-        }
-        // Checked here, in the same step as the swap and in the store's clock: a cut-off
-        // owner whose lease was still running when the orchestrator looked may have
-        // renewed it since.
-        if expected.is_some()
-            && let Some(expires) = row.lease_expires
-            && expires > now
-        {
-            return Err(Error::conflict(format!(
-                "{what} of processor {processor} to epoch {epoch}: the lease of {} runs until {expires}",
-                show(expected)
-            )));
-        }
-        row.check_new_owner(processor, epoch, what)?;
+        // Checked here, in the same step as the swap and in the store's clock.
+        row.rules(now).check_assign(
+            &format!("{what} of processor {processor} to epoch {epoch}"),
+            expected,
+            epoch,
+        )?;
         row.owner = Some(epoch);
         row.newest_owner = epoch;
         row.grant(now, lease);
@@ -359,22 +327,12 @@ impl StateStore for MemoryStore {
                 "{what} of processor {processor} from {from} to {to}: no ownership row"
             ))
         })?;
-        if row.owner != Some(from) {
-            return Err(Error::conflict(format!(
-                "{what} of processor {processor} from {from} to {to}: the owner is {}",
-                show(row.owner)
-            )));
-        }
-        row.check_new_owner(processor, to, what)?;
-        // A move carries the frozen state forward; a snapshot older than the committed one
-        // would silently roll the processor back.
-        if let Some((epoch, committed)) = row.committed
-            && sequence < committed
-        {
-            return Err(Error::fenced(format!(
-                "{what} of processor {processor} from {from} to {to}: snapshot {sequence} is older than the committed {committed} of {epoch}"
-            )));
-        }
+        row.rules(now).check_commit(
+            &format!("{what} of processor {processor} from {from} to {to}"),
+            from,
+            to,
+            sequence,
+        )?;
         row.owner = Some(to);
         row.newest_owner = to;
         row.store(snapshot.clone(), now, lease);
@@ -419,7 +377,9 @@ impl StateStore for MemoryStore {
                 "{what} of processor {processor} from epoch {epoch}: no epoch owns it"
             ))
         })?;
-        row.check_owner(processor, epoch, what)?;
+        let rules = row.rules(now);
+        let what = format!("{what} of processor {processor} from epoch {epoch}");
+        rules.check_owner(&what, epoch)?;
         // A retry of the checkpoint that is already the committed one (its answer was lost)
         // succeeds again and renews the lease: refusing it would fence a legitimate owner.
         if row.committed == Some((epoch, sequence))
@@ -430,13 +390,7 @@ impl StateStore for MemoryStore {
         {
             return Ok(row.grant(now, lease));
         }
-        if let Some((_, committed)) = row.committed
-            && sequence <= committed
-        {
-            return Err(Error::fenced(format!(
-                "{what} of processor {processor} from epoch {epoch}: sequence {sequence} is not above the committed {committed}"
-            )));
-        }
+        rules.check_above_committed(&what, sequence)?;
         Ok(row.store(snapshot.clone(), now, lease))
     }
 
@@ -454,7 +408,10 @@ impl StateStore for MemoryStore {
                 "{what} of processor {processor} from epoch {epoch}: no epoch owns it"
             ))
         })?;
-        row.check_owner(processor, epoch, what)?;
+        row.rules(now).check_owner(
+            &format!("{what} of processor {processor} from epoch {epoch}"),
+            epoch,
+        )?;
         Ok(row.grant(now, lease))
     }
 
@@ -535,8 +492,4 @@ impl SnapshotCorruptor for MemoryStore {
     ) -> Result<()> {
         self.corrupt_snapshot(processor, epoch, sequence)
     }
-}
-
-fn show(epoch: Option<Epoch>) -> String {
-    epoch.map_or_else(|| "none".to_string(), |e| e.to_string())
 }

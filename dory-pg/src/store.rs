@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use dory_core::ownership::OwnershipRules;
 use dory_core::{
     Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
     StoredSnapshot, Term, Timestamp, snapshot,
@@ -223,82 +224,38 @@ fn lease_ms(lease: Duration) -> i64 {
     i64::try_from(lease.as_millis().min(MAX_LEASE_MS)).unwrap_or(i64::MAX)
 }
 
-fn show(epoch: Option<Epoch>) -> String {
-    epoch.map_or_else(|| "none".to_string(), |e| e.to_string())
-}
-
-/// The ownership row as a write sees it under its row lock.
-struct Locked {
-    owner: Option<Epoch>,
-    highest: Epoch,
-    newest_owner: Epoch,
-    lease_running: bool,
-    committed: Option<(Epoch, Sequence)>,
-}
-
-impl Locked {
-    /// Reads and locks the row of `processor` until the transaction ends.
-    async fn fetch(
-        tx: &mut PgConnection,
-        processor: &ProcessorId,
-        what: &str,
-    ) -> Result<Option<Locked>> {
-        type RowT = (Option<i64>, i64, i64, bool, Option<i64>, Option<i64>);
-        let row: Option<RowT> = sqlx::query_as(
-            "SELECT owner, highest, newest_owner, \
-                    COALESCE(lease_expires > clock_timestamp(), false), \
-                    committed_epoch, committed_seq \
-             FROM ownership WHERE processor = $1 FOR UPDATE",
-        )
-        .bind(processor.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(sql(what))?;
-        let Some((owner, highest, newest_owner, lease_running, c_epoch, c_seq)) = row else {
-            return Ok(None);
-        };
-        let committed = match (c_epoch, c_seq) {
-            (Some(e), Some(s)) => Some((Epoch(count(e, what)?), Sequence(count(s, what)?))),
-            _ => None,
-        };
-        Ok(Some(Locked {
-            owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
-            highest: Epoch(count(highest, what)?),
-            newest_owner: Epoch(count(newest_owner, what)?),
-            lease_running,
-            committed,
-        }))
-    }
-
-    /// Refuses a checkpoint write from anyone but the owner.
-    fn check_owner(&self, what: &str, epoch: Epoch) -> Result<()> {
-        match self.owner {
-            Some(owner) if owner == epoch => Ok(()),
-            Some(owner) => Err(Error::fenced(format!(
-                "{what}: epoch {epoch} does not own the processor, {owner} does"
-            ))),
-            None => Err(Error::fenced(format!(
-                "{what}: epoch {epoch} does not own the processor, no epoch does"
-            ))),
-        }
-    }
-
-    /// Refuses an epoch that was never claimed or is not newer than every earlier owner.
-    fn check_new_owner(&self, what: &str, epoch: Epoch) -> Result<()> {
-        if epoch > self.highest {
-            return Err(Error::invalid(format!(
-                "{what}: epoch {epoch} was never claimed (the highest claimed is {})",
-                self.highest
-            )));
-        }
-        if epoch <= self.newest_owner {
-            return Err(Error::fenced(format!(
-                "{what}: epoch {epoch} is not newer than {}, which already owned the processor",
-                self.newest_owner
-            )));
-        }
-        Ok(())
-    }
+/// Reads and locks the ownership row of `processor` until the transaction ends, as the
+/// shared ownership rules see it.
+async fn fetch_locked(
+    tx: &mut PgConnection,
+    processor: &ProcessorId,
+    what: &str,
+) -> Result<Option<OwnershipRules>> {
+    type RowT = (Option<i64>, i64, i64, bool, Option<i64>, Option<i64>);
+    let row: Option<RowT> = sqlx::query_as(
+        "SELECT owner, highest, newest_owner, \
+                COALESCE(lease_expires > clock_timestamp(), false), \
+                committed_epoch, committed_seq \
+         FROM ownership WHERE processor = $1 FOR UPDATE",
+    )
+    .bind(processor.as_str())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(sql(what))?;
+    let Some((owner, highest, newest_owner, lease_running, c_epoch, c_seq)) = row else {
+        return Ok(None);
+    };
+    let committed = match (c_epoch, c_seq) {
+        (Some(e), Some(s)) => Some((Epoch(count(e, what)?), Sequence(count(s, what)?))),
+        _ => None,
+    };
+    Ok(Some(OwnershipRules {
+        owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
+        highest: Epoch(count(highest, what)?),
+        newest_owner: Epoch(count(newest_owner, what)?),
+        lease_running,
+        committed,
+    }))
 }
 
 /// Refuses an orchestrator write unless `term` is the current leadership term. The row is
@@ -496,29 +453,16 @@ impl StateStore for PgStore {
     ) -> Result<()> {
         let what = format!(
             "assign_owner of {processor} from {} to {epoch}",
-            show(expected)
+            dory_core::ownership::show(expected)
         );
         logged(&what, async {
             let mut tx = self.begin(&what).await?;
             check_term(&mut tx, term, &what).await?;
-            let row = Locked::fetch(&mut tx, processor, &what)
+            let row = fetch_locked(&mut tx, processor, &what)
                 .await?
                 .ok_or_else(|| Error::invalid(format!("{what}: no epoch was ever claimed")))?;
-            if row.owner != expected {
-                return Err(Error::conflict(format!(
-                    "{what}: the owner is {}",
-                    show(row.owner)
-                )));
-            }
-            // Checked under the row lock and in the database clock: a cut-off owner whose
-            // lease was still running when the orchestrator looked may have renewed it since.
-            if expected.is_some() && row.lease_running {
-                return Err(Error::conflict(format!(
-                    "{what}: the lease of {} has not run out",
-                    show(expected)
-                )));
-            }
-            row.check_new_owner(&what, epoch)?;
+            // Checked under the row lock and in the database clock.
+            row.check_assign(&what, expected, epoch)?;
             let e = db(epoch.0, &what)?;
             sqlx::query("UPDATE ownership SET owner = $2, newest_owner = $2 WHERE processor = $1")
                 .bind(processor.as_str())
@@ -550,25 +494,10 @@ impl StateStore for PgStore {
             verify_incoming(snapshot, &what, from)?;
             let mut tx = self.begin(&what).await?;
             check_term(&mut tx, term, &what).await?;
-            let row = Locked::fetch(&mut tx, processor, &what)
+            let row = fetch_locked(&mut tx, processor, &what)
                 .await?
                 .ok_or_else(|| Error::not_found(format!("{what}: no ownership row")))?;
-            if row.owner != Some(from) {
-                return Err(Error::conflict(format!(
-                    "{what}: the owner is {}",
-                    show(row.owner)
-                )));
-            }
-            row.check_new_owner(&what, to)?;
-            // A move carries the frozen state forward; an older snapshot would silently roll
-            // the processor back. An equal sequence is fine: nothing was published since.
-            if let Some((epoch, committed)) = row.committed
-                && sequence < committed
-            {
-                return Err(Error::fenced(format!(
-                    "{what}: snapshot {sequence} is older than the committed {committed} of {epoch}"
-                )));
-            }
+            row.check_commit(&what, from, to, sequence)?;
             sqlx::query("UPDATE ownership SET owner = $2, newest_owner = $2 WHERE processor = $1")
                 .bind(processor.as_str())
                 .bind(db(to.0, &what)?)
@@ -588,7 +517,7 @@ impl StateStore for PgStore {
         logged(&what, async {
             let mut tx = self.begin(&what).await?;
             check_term(&mut tx, term, &what).await?;
-            let row = Locked::fetch(&mut tx, processor, &what)
+            let row = fetch_locked(&mut tx, processor, &what)
                 .await?
                 .ok_or_else(|| Error::not_found(format!("{what}: no ownership row")))?;
             match row.owner {
@@ -625,7 +554,7 @@ impl StateStore for PgStore {
         logged(&what, async {
             verify_incoming(snapshot, &what, epoch)?;
             let mut tx = self.begin(&what).await?;
-            let row = Locked::fetch(&mut tx, processor, &what)
+            let row = fetch_locked(&mut tx, processor, &what)
                 .await?
                 .ok_or_else(|| Error::fenced(format!("{what}: no epoch owns the processor")))?;
             row.check_owner(&what, epoch)?;
@@ -649,13 +578,7 @@ impl StateStore for PgStore {
                     return Ok(expires);
                 }
             }
-            if let Some((_, committed)) = row.committed
-                && sequence <= committed
-            {
-                return Err(Error::fenced(format!(
-                    "{what}: sequence {sequence} is not above the committed {committed}"
-                )));
-            }
+            row.check_above_committed(&what, sequence)?;
             store_checkpoint(&mut tx, snapshot, &what).await?;
             let expires = grant(&mut tx, processor, lease, &what).await?;
             tx.commit().await.map_err(sql(&what))?;
@@ -673,7 +596,7 @@ impl StateStore for PgStore {
         let what = format!("renew_lease of {processor} {epoch}");
         logged(&what, async {
             let mut tx = self.begin(&what).await?;
-            let row = Locked::fetch(&mut tx, processor, &what)
+            let row = fetch_locked(&mut tx, processor, &what)
                 .await?
                 .ok_or_else(|| Error::fenced(format!("{what}: no epoch owns the processor")))?;
             row.check_owner(&what, epoch)?;
@@ -789,7 +712,7 @@ impl StateStore for PgStore {
             let mut tx = self.begin(&what).await?;
             // Serialise with checkpoints and moves of this processor, so the newest snapshots
             // counted here are the newest there are.
-            Locked::fetch(&mut tx, processor, &what).await?;
+            fetch_locked(&mut tx, processor, &what).await?;
             let deleted = sqlx::query(
                 "DELETE FROM snapshots d \
                  WHERE d.processor = $1 \

@@ -83,17 +83,7 @@ fn plans(full: bool) -> Vec<Plan> {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` does not.
-    let full = std::env::args().any(|a| a == "--bench");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    if let Err(e) = runtime.block_on(run(full)) {
-        eprintln!("store bench failed: {e}");
-        std::process::exit(1);
-    }
+    dory_benches::run_server_bench("store", run);
 }
 
 async fn run(full: bool) -> Result<()> {

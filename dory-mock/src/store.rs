@@ -282,22 +282,15 @@ impl StateStore for MemoryStore {
         lease: Duration,
         term: Term,
     ) -> Result<()> {
-        let what = "assign ownership";
+        let what = format!("assign ownership of processor {processor} to epoch {epoch}");
         let now = self.now();
-        let mut state = self.lock_for_term(term, &|| {
-            format!("{what} of processor {processor} to epoch {epoch}")
-        })?;
-        let row = state.rows.get_mut(processor).ok_or_else(|| {
-            Error::invalid(format!(
-                "{what} of processor {processor} to epoch {epoch}: no epoch was ever claimed"
-            ))
-        })?;
+        let mut state = self.lock_for_term(term, &|| what.clone())?;
+        let row = state
+            .rows
+            .get_mut(processor)
+            .ok_or_else(|| Error::invalid(format!("{what}: no epoch was ever claimed")))?;
         // Checked here, in the same step as the swap and in the store's clock.
-        row.rules(now).check_assign(
-            &format!("{what} of processor {processor} to epoch {epoch}"),
-            expected,
-            epoch,
-        )?;
+        row.rules(now).check_assign(&what, expected, epoch)?;
         row.owner = Some(epoch);
         row.newest_owner = epoch;
         row.grant(now, lease);
@@ -311,28 +304,20 @@ impl StateStore for MemoryStore {
         lease: Duration,
         term: Term,
     ) -> Result<()> {
-        let what = "commit move";
         let (processor, to, sequence) = (
             &snapshot.meta.processor,
             snapshot.meta.epoch,
             snapshot.meta.sequence,
         );
-        verify_incoming(snapshot, what, from)?;
+        verify_incoming(snapshot, "commit move", from)?;
+        let what = format!("commit move of processor {processor} from {from} to {to}");
         let now = self.now();
-        let mut state = self.lock_for_term(term, &|| {
-            format!("{what} of processor {processor} from {from} to {to}")
-        })?;
-        let row = state.rows.get_mut(processor).ok_or_else(|| {
-            Error::not_found(format!(
-                "{what} of processor {processor} from {from} to {to}: no ownership row"
-            ))
-        })?;
-        row.rules(now).check_commit(
-            &format!("{what} of processor {processor} from {from} to {to}"),
-            from,
-            to,
-            sequence,
-        )?;
+        let mut state = self.lock_for_term(term, &|| what.clone())?;
+        let row = state
+            .rows
+            .get_mut(processor)
+            .ok_or_else(|| Error::not_found(format!("{what}: no ownership row")))?;
+        row.rules(now).check_commit(&what, from, to, sequence)?;
         row.owner = Some(to);
         row.newest_owner = to;
         row.store(snapshot.clone(), now, lease);

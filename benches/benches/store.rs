@@ -25,18 +25,15 @@
 //! it at the end. When the database cannot be reached it prints a skip line and exits 0.
 //! Without `--bench` (as under `cargo test --benches`) it runs one tiny round as a smoke test.
 
-use std::error::Error as StdError;
 use std::time::{Duration, Instant};
 
+use dory_benches::{BenchSchema, BoxError, random_bytes};
 use dory_core::snapshot::{Codec, Encoder};
 use dory_core::{Epoch, Leadership, ProcessorId, Sequence, StateStore, StoredSnapshot, Timestamp};
-use dory_pg::{PgConfig, PgLeadership, PgStore};
-use sqlx::AssertSqlSafe;
+use dory_pg::{PgLeadership, PgStore};
 
-type BoxError = Box<dyn StdError + Send + Sync>;
 type Result<T> = std::result::Result<T, BoxError>;
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 /// Long enough that the lease never runs out during the bench.
@@ -87,35 +84,11 @@ fn main() {
 }
 
 async fn run(full: bool) -> Result<()> {
-    let url = std::env::var("DORY_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_string());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    let schema = format!("dory_bench_{}_{nanos}", std::process::id());
-    let config = PgConfig::new(url)
-        .with_schema(schema.clone())
-        .with_pool_size(4)
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_statement_timeout(Duration::from_secs(120));
-    let store = match PgStore::connect(&config).await {
-        Ok(store) => store,
-        Err(e @ dory_pg::Error::Connect(_)) => {
-            println!(
-                "SKIP store bench: PostgreSQL is unreachable ({e}); set DORY_TEST_DATABASE_URL"
-            );
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
+    let Some(db) = BenchSchema::open("store", Duration::from_secs(120)).await? else {
+        return Ok(());
     };
-    let result = measure(&store, full).await;
-    // The schema exists for this run only; drop it whatever happened.
-    let drop = format!("DROP SCHEMA \"{schema}\" CASCADE");
-    if let Err(e) = sqlx::query(AssertSqlSafe(drop)).execute(store.pool()).await {
-        eprintln!("could not drop schema {schema}: {e}");
-    }
-    store.pool().close().await;
-    result
+    let result = measure(&db.store, full).await;
+    db.close(result).await
 }
 
 /// The processor Dory writes, its owning epoch and the next sequence.
@@ -139,20 +112,6 @@ impl Writer {
         )?;
         Ok(StoredSnapshot::from_encoded(bytes, Timestamp(0))?)
     }
-}
-
-/// xorshift64*: incompressible bytes, the same every run.
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Best time per round of each of the four measured operations.

@@ -1,6 +1,7 @@
 //! Shared helpers for Dory benchmarks.
 
 use std::future::Future;
+use std::time::Duration;
 
 /// Runs a benchmark that talks to a server on a two-thread tokio runtime. Its future gets
 /// `full`: true under `cargo bench` (which passes `--bench`), false under
@@ -21,5 +22,95 @@ where
     if let Err(e) = runtime.block_on(bench(full)) {
         eprintln!("{name} bench failed: {e}");
         std::process::exit(1);
+    }
+}
+
+/// The error type of the benchmarks.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Incompressible bytes, the same every run (xorshift64* from a fixed seed).
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// p50, p99 and the maximum of `values` (nearest rank).
+pub fn percentiles(mut values: Vec<Duration>) -> (Duration, Duration, Duration) {
+    values.sort_unstable();
+    let at = |q: f64| {
+        let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+        values[rank - 1]
+    };
+    (at(0.50), at(0.99), values[values.len() - 1])
+}
+
+/// `d` in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The test database when `DORY_TEST_DATABASE_URL` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A Postgres store in a schema of one bench run's own.
+pub struct BenchSchema {
+    /// The store, migrated, in the schema.
+    pub store: dory_pg::PgStore,
+    /// The database URL (without the schema).
+    pub url: String,
+}
+
+impl BenchSchema {
+    /// Connects to `DORY_TEST_DATABASE_URL` in a new schema for bench `name`, with
+    /// `statement_timeout`; `None` after a skip line when the database cannot be reached.
+    pub async fn open(
+        name: &str,
+        statement_timeout: Duration,
+    ) -> Result<Option<BenchSchema>, BoxError> {
+        let url = std::env::var("DORY_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let schema = format!("dory_bench_{name}_{}_{nanos}", std::process::id());
+        let config = dory_pg::PgConfig::new(url.clone())
+            .with_schema(schema)
+            .with_pool_size(4)
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_statement_timeout(statement_timeout);
+        match dory_pg::PgStore::connect(&config).await {
+            Ok(store) => Ok(Some(BenchSchema { store, url })),
+            Err(e @ dory_pg::Error::Connect(_)) => {
+                println!(
+                    "SKIP {name} bench: PostgreSQL is unreachable ({e}); set DORY_TEST_DATABASE_URL"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Drops the schema (the run's own) and closes the pool, whatever the run's `result`,
+    /// which it passes on.
+    pub async fn close<T>(self, result: Result<T, BoxError>) -> Result<T, BoxError> {
+        let schema = self.store.schema().to_string();
+        let drop = format!("DROP SCHEMA \"{schema}\" CASCADE");
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(drop))
+            .execute(self.store.pool())
+            .await
+        {
+            eprintln!("could not drop schema {schema}: {e}");
+        }
+        self.store.pool().close().await;
+        result
     }
 }

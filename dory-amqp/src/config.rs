@@ -1,6 +1,7 @@
 //! [`AmqpConfig`]: where and how [`AmqpPublisher`](crate::AmqpPublisher) publishes.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
@@ -27,8 +28,9 @@ pub const DEFAULT_RECONNECT_ATTEMPTS: u32 = 8;
 #[non_exhaustive]
 pub struct AmqpConfig {
     /// The broker: `amqp://user:password@host:port/vhost` (the vhost URL-encoded: `%2f` is
-    /// `/`). `amqps://` is refused for now: the client library is built without a TLS
-    /// certificate store and would silently connect in plain text.
+    /// `/`), or `amqps://` for TLS (port 5671 by default), which verifies the broker's
+    /// certificate against the system's certificate store and
+    /// [`tls_ca_file`](AmqpConfig::tls_ca_file).
     pub url: String,
     /// The exchange messages are published to (`""` is the default exchange). It must exist:
     /// the publisher checks it at connect time but does not create it, because exchanges,
@@ -52,6 +54,33 @@ pub struct AmqpConfig {
     pub reconnect_delay: Duration,
     /// The longest delay between two reconnect attempts.
     pub reconnect_max_delay: Duration,
+    /// A PEM file of CA certificates trusted for `amqps://` besides the system's certificate
+    /// store: the CA of a private broker. Read at every (re)connect, so a rotated file is
+    /// picked up by the next reconnect.
+    pub tls_ca_file: Option<PathBuf>,
+    /// The client certificate and key `amqps://` presents to a broker that requires mutual
+    /// TLS. Read at every (re)connect, like [`tls_ca_file`](AmqpConfig::tls_ca_file).
+    pub tls_client_cert: Option<ClientCert>,
+}
+
+/// Where the client certificate for mutual TLS is read from: two PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientCert {
+    /// The client certificate, then any intermediate certificates, in PEM.
+    pub cert_file: PathBuf,
+    /// The certificate's private key in PEM (PKCS#8, PKCS#1 or SEC1), unencrypted.
+    pub key_file: PathBuf,
+}
+
+impl ClientCert {
+    /// The certificate chain in `cert_file` with the private key in `key_file`.
+    pub fn new(cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Self {
+        ClientCert {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+        }
+    }
 }
 
 impl AmqpConfig {
@@ -67,6 +96,8 @@ impl AmqpConfig {
             reconnect_attempts: DEFAULT_RECONNECT_ATTEMPTS,
             reconnect_delay: Duration::from_millis(100),
             reconnect_max_delay: Duration::from_secs(5),
+            tls_ca_file: None,
+            tls_client_cert: None,
         }
     }
 
@@ -103,6 +134,24 @@ impl AmqpConfig {
         self
     }
 
+    /// Trusts the CA certificates in the PEM file at `path` for `amqps://`, besides the
+    /// system's certificate store.
+    pub fn with_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents the certificate chain in `cert_file` with the private key in `key_file` (both
+    /// PEM) to a broker that requires mutual TLS.
+    pub fn with_tls_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_client_cert = Some(ClientCert::new(cert_file, key_file));
+        self
+    }
+
     /// The URL without its password, for logs and errors.
     pub fn redacted_url(&self) -> String {
         redact(&self.url)
@@ -123,15 +172,14 @@ impl AmqpConfig {
             return Err(bad_url("the scheme must be amqp:// or amqps://".into()));
         }
         let uri: AMQPUri = self.url.parse().map_err(bad_url)?;
-        if uri.scheme == AMQPScheme::AMQPS {
-            // With the client's TLS backend left out of the build, the connector falls back to
-            // plain TCP for amqps:// without a word: credentials and messages would cross the
-            // network unencrypted. Refuse rather than pretend.
-            return Err(bad_url(
-                "amqps:// is not supported by this build (the AMQP client is built without a \
-                 TLS certificate store, and would connect in plain text)"
-                    .into(),
-            ));
+        let tls_settings = self.tls_ca_file.is_some() || self.tls_client_cert.is_some();
+        if uri.scheme == AMQPScheme::AMQP && tls_settings {
+            // Whoever names a CA or a client certificate expects TLS; connecting in plain text
+            // anyway would send credentials and messages unencrypted without a word.
+            return Err(Error::Config(format!(
+                "TLS files are set but {} connects without TLS: use amqps://",
+                self.redacted_url()
+            )));
         }
         if self.window == 0 {
             return Err(Error::Config("window must be at least 1".into()));
@@ -173,6 +221,8 @@ impl fmt::Debug for AmqpConfig {
             .field("reconnect_attempts", &self.reconnect_attempts)
             .field("reconnect_delay", &self.reconnect_delay)
             .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert", &self.tls_client_cert)
             .finish()
     }
 }
@@ -189,10 +239,15 @@ mod tests {
             let e = AmqpConfig::new(url, "x").validate().unwrap_err();
             assert!(matches!(e, Error::BadUrl { .. }), "{url}: {e}");
         }
-        let tls = AmqpConfig::new("amqps://guest:guest@127.0.0.1:5671/%2f", "x").validate();
+        let tls = AmqpConfig::new("amqps://guest:guest@127.0.0.1/%2f", "x")
+            .validate()
+            .unwrap_or_else(|e| panic!("amqps is accepted: {e}"));
+        assert_eq!(tls.scheme, AMQPScheme::AMQPS);
+        assert_eq!(tls.authority.port, 5671, "amqps defaults to the TLS port");
+        let plain_with_ca = ok.clone().with_tls_ca_file("ca.pem").validate();
         assert!(
-            matches!(&tls, Err(Error::BadUrl { reason, .. }) if reason.contains("plain text")),
-            "amqps must not silently fall back to plain TCP: {tls:?}"
+            matches!(&plain_with_ca, Err(Error::Config(m)) if m.contains("amqps://")),
+            "TLS files with amqp:// must not silently connect in plain text: {plain_with_ca:?}"
         );
         assert!(matches!(
             ok.clone().with_window(0).validate(),

@@ -1,5 +1,6 @@
 //! [`Error`]: what can go wrong talking to RabbitMQ, and how it maps onto Dory's meanings.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use lapin::ErrorKind;
@@ -10,8 +11,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The broker URL does not parse, has a scheme other than `amqp://`, or asks for TLS
-    /// (`amqps://`), which this build cannot provide.
+    /// The broker URL does not parse, or has a scheme other than `amqp://` or `amqps://`.
     #[error("bad AMQP URL {url}: {reason}")]
     BadUrl {
         /// The URL, password removed.
@@ -22,11 +22,35 @@ pub enum Error {
     /// A setting is out of range (a window of zero, for instance).
     #[error("bad AMQP setting: {0}")]
     Config(String),
+    /// A TLS file (CA certificates, client certificate or key) cannot be read, or does not
+    /// hold what it should.
+    #[error("bad AMQP TLS {what} file {}: {reason}", path.display())]
+    TlsFile {
+        /// What the file should hold: `CA certificate`, `client certificate` or `client key`.
+        what: &'static str,
+        /// The file, as configured.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// Connecting to the broker, or opening the publishing channel, failed.
     #[error("cannot connect to {url}: {source}")]
     Connect {
         /// The URL, password removed.
         url: String,
+        /// What the client library reported.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The TLS set-up or handshake of an `amqps://` connection failed: no system certificate
+    /// store, a port that does not speak TLS, an untrusted broker certificate, or a broker that
+    /// wants (another) client certificate. The hint says which it looks like.
+    #[error("cannot connect to {url}: TLS handshake failed ({hint}): {source}")]
+    TlsHandshake {
+        /// The URL, password removed.
+        url: String,
+        /// The likely cause, in words.
+        hint: &'static str,
         /// What the client library reported.
         #[source]
         source: lapin::Error,
@@ -49,6 +73,16 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// The queue to consume could not be checked (it does not exist, or access to it was
+    /// refused).
+    #[error("cannot consume queue {queue:?}: {source}")]
+    Queue {
+        /// The queue.
+        queue: String,
+        /// What the broker answered.
+        #[source]
+        source: lapin::Error,
+    },
     /// A broker operation failed after setup (a lost connection or channel).
     #[error("{operation}: {source}")]
     Broker {
@@ -58,19 +92,32 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// A broker operation got no answer in time: the connection died under it, most likely.
+    #[error("{operation}: no answer within {after:?}")]
+    NoAnswer {
+        /// The operation, naming the queue or exchange.
+        operation: String,
+        /// How long it waited: the connect timeout.
+        after: Duration,
+    },
 }
 
 impl From<Error> for dory_core::Error {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         match &error {
-            Error::BadUrl { .. } | Error::Config(_) => dory_core::Error::invalid(message),
+            // A bad TLS file stays bad until someone fixes it: retrying cannot help.
+            Error::BadUrl { .. } | Error::Config(_) | Error::TlsFile { .. } => {
+                dory_core::Error::invalid(message)
+            }
             // A missing exchange is a deployment mistake, not an outage: retrying will not
             // create it.
-            Error::Declare { source, .. } if is_not_found(source) => {
+            Error::Declare { source, .. } | Error::Queue { source, .. } if is_not_found(source) => {
                 dory_core::Error::not_found(message)
             }
-            Error::Declare { source, .. } if is_access_refused(source) => {
+            Error::Declare { source, .. } | Error::Queue { source, .. }
+                if is_access_refused(source) =>
+            {
                 dory_core::Error::invalid(message)
             }
             // The broker refused this very message (too large, not permitted): sending it
@@ -78,11 +125,84 @@ impl From<Error> for dory_core::Error {
             Error::Broker { source, .. } if is_refusal(source) => {
                 dory_core::Error::invalid(message)
             }
+            // Retryable like any failed connect: a broker being reconfigured, or a certificate
+            // being renewed, fails handshakes for a while.
             Error::Connect { .. }
+            | Error::TlsHandshake { .. }
             | Error::ConnectTimeout { .. }
             | Error::Declare { .. }
-            | Error::Broker { .. } => dory_core::Error::unavailable(message),
+            | Error::Queue { .. }
+            | Error::Broker { .. }
+            | Error::NoAnswer { .. } => dory_core::Error::unavailable(message),
         }
+    }
+}
+
+/// A failed connect to `url` as an error: a failed TLS handshake gets its own variant, with a
+/// hint at the likely cause, since rustls' own words ("corrupt message", "unknown issuer")
+/// rarely point at the setting to fix.
+pub(crate) fn connect_error(url: String, source: lapin::Error) -> Error {
+    if no_system_certificates(&source) {
+        return Error::TlsHandshake {
+            url,
+            hint: "the system certificate store has no certificate: install a CA bundle, or \
+                   point SSL_CERT_FILE at the CA's PEM file",
+            source,
+        };
+    }
+    let Some(tls) = tls_error(&source) else {
+        return Error::Connect { url, source };
+    };
+    use rustls::{AlertDescription as Alert, CertificateError as Cert};
+    let hint = match tls {
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "the port does not seem to speak TLS: RabbitMQ takes amqps:// on 5671 and plain \
+             amqp:// on 5672"
+        }
+        rustls::Error::InvalidCertificate(Cert::UnknownIssuer) => {
+            "the broker's certificate is not signed by a CA in the system store or the \
+             configured tls_ca_file"
+        }
+        rustls::Error::InvalidCertificate(Cert::NotValidForName)
+        | rustls::Error::InvalidCertificate(Cert::NotValidForNameContext { .. }) => {
+            "the broker's certificate is not issued for the host in the URL"
+        }
+        rustls::Error::InvalidCertificate(Cert::Expired)
+        | rustls::Error::InvalidCertificate(Cert::ExpiredContext { .. })
+        | rustls::Error::InvalidCertificate(Cert::NotValidYet)
+        | rustls::Error::InvalidCertificate(Cert::NotValidYetContext { .. }) => {
+            "the broker's certificate is expired or not yet valid (or this host's clock is off)"
+        }
+        rustls::Error::InvalidCertificate(_) => "the broker's certificate is not trusted",
+        rustls::Error::AlertReceived(Alert::CertificateRequired | Alert::HandshakeFailure) => {
+            "the broker may require a client certificate: set tls_client_cert"
+        }
+        rustls::Error::AlertReceived(
+            Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::CertificateExpired
+            | Alert::CertificateRevoked
+            | Alert::UnsupportedCertificate
+            | Alert::AccessDenied,
+        ) => "the broker refused the client certificate",
+        _ => "see the TLS error",
+    };
+    Error::TlsHandshake { url, hint, source }
+}
+
+/// Whether the client library found no certificate in the system store, which it needs even
+/// when a CA file is configured. It says so only in words; should they change, the error is a
+/// plain [`Error::Connect`] carrying them.
+fn no_system_certificates(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::IOError(io) if io.to_string().contains("native certificates"))
+}
+
+/// The rustls error inside a client library error, if it is one.
+fn tls_error(error: &lapin::Error) -> Option<&rustls::Error> {
+    match error.kind() {
+        ErrorKind::IOError(io) => io.get_ref()?.downcast_ref::<rustls::Error>(),
+        _ => None,
     }
 }
 

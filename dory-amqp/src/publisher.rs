@@ -1,7 +1,7 @@
 //! [`AmqpPublisher`]: the RabbitMQ [`Publisher`], with publisher confirms and a bounded window.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, Once, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -9,16 +9,14 @@ use dory_core::{OutputMessage, Publisher};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use lapin::{ExchangeKind, message::BasicReturnMessage};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, trace, warn};
 
 use crate::config::AmqpConfig;
-use crate::error::{Error, is_refusal};
-
-/// The tracing target everything in this crate logs under.
-const TARGET: &str = "dory::amqp";
+use crate::error::{Error, connect_error, is_refusal};
+use crate::link::{TARGET, answered, backoff, connect};
 
 /// A publish whose confirmation takes longer than this is logged as a warning: the broker is
 /// slow (a memory or disk alarm, a flow-controlled connection) and processors will feel it.
@@ -83,6 +81,9 @@ pub struct AmqpPublisher {
 impl AmqpPublisher {
     /// Connects to the broker, checks that the exchange exists and opens a channel in
     /// publisher-confirm mode. Must be called within a tokio runtime.
+    ///
+    /// With `amqps://`, the TLS files of the config are read and checked first: a missing or
+    /// malformed one fails with [`Error::TlsFile`] naming it. Every reconnect reads them again.
     pub async fn connect(config: AmqpConfig) -> Result<AmqpPublisher, Error> {
         let uri = config.validate()?;
         let window_size = u32::try_from(config.window)
@@ -137,16 +138,13 @@ impl AmqpPublisher {
             // Already gone (lost, or closed before): nothing left to close.
             return Ok(());
         }
-        link.connection
-            .close(200, "dory publisher closed".into())
-            .await
-            .map_err(|source| {
-                Error::Broker {
-                    operation: "close connection".into(),
-                    source,
-                }
-                .into()
-            })
+        answered(
+            &self.config,
+            || "close connection".into(),
+            link.connection.close(200, "dory publisher closed".into()),
+        )
+        .await?;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
@@ -200,47 +198,13 @@ impl AmqpPublisher {
             }
         }
     }
-
-    /// The delay before retry `attempt` (1-based) of a nacked message or a reconnect: doubling
-    /// from `reconnect_delay`, capped at `reconnect_max_delay`.
-    fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32 << attempt.saturating_sub(1).min(16);
-        self.config
-            .reconnect_delay
-            .saturating_mul(factor)
-            .min(self.config.reconnect_max_delay)
-    }
-}
-
-/// Installs rustls' ring crypto provider as the process default, once, so every TLS user in
-/// the workspace (lapin, sqlx, kube) agrees on one provider instead of rustls refusing to pick.
-fn install_crypto_provider() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // An error means another crate installed a provider first: that one is used.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
 }
 
 /// Connects, checks the exchange and opens a confirm-mode channel, within the connect timeout.
 async fn open_link(config: &AmqpConfig, uri: &AMQPUri, generation: u64) -> Result<Link, Error> {
-    install_crypto_provider();
     let url = config.redacted_url();
-    if tokio::runtime::Handle::try_current().is_err() {
-        return Err(Error::Config(
-            "the publisher must be connected from within a tokio runtime".into(),
-        ));
-    }
     let attempt = async {
-        let connect_error = |source| Error::Connect {
-            url: url.clone(),
-            source,
-        };
-        let properties =
-            ConnectionProperties::default().with_connection_name("dory publisher".into());
-        let connection = Connection::connect_uri(uri.clone(), properties)
-            .await
-            .map_err(connect_error)?;
+        let connection = connect(config, uri, "dory publisher", generation).await?;
         let channel = match set_up_channel(config, &connection).await {
             Ok(channel) => channel,
             Err(e) => {
@@ -264,10 +228,7 @@ async fn open_link(config: &AmqpConfig, uri: &AMQPUri, generation: u64) -> Resul
 }
 
 async fn set_up_channel(config: &AmqpConfig, connection: &Connection) -> Result<Channel, Error> {
-    let connect_error = |source| Error::Connect {
-        url: config.redacted_url(),
-        source,
-    };
+    let connect_error = |source| connect_error(config.redacted_url(), source);
     let channel = connection.create_channel().await.map_err(connect_error)?;
     // The default exchange always exists and cannot be declared, not even passively.
     if !config.exchange.is_empty() {
@@ -441,7 +402,7 @@ impl Publisher for AmqpPublisher {
                         )));
                     }
                     warn!(target: TARGET, message_id = %id, nacks, "broker nacked; sending again");
-                    tokio::time::sleep(self.backoff(nacks)).await;
+                    tokio::time::sleep(backoff(&self.config, nacks)).await;
                 }
                 Err(source) => {
                     let refused = is_refusal(&source);
@@ -461,7 +422,7 @@ impl Publisher for AmqpPublisher {
                         error = %error,
                         "connection or channel lost; reconnecting to send again"
                     );
-                    tokio::time::sleep(self.backoff(reconnects)).await;
+                    tokio::time::sleep(backoff(&self.config, reconnects)).await;
                     if let Err(e) = self.relink(link.generation).await {
                         // The next round sends on the broken link, fails fast and counts
                         // another attempt, so a broker that stays away ends the publish.

@@ -67,11 +67,30 @@ impl fmt::Debug for InstanceEnv {
             .field("mode", &self.mode)
             .field("token", &"<redacted>")
             .field("port", &self.port)
-            .field("store_url", &self.store_url)
-            .field("publisher_url", &self.publisher_url)
+            .field("store_url", &redact_url(&self.store_url))
+            .field(
+                "publisher_url",
+                &self.publisher_url.as_deref().map(redact_url),
+            )
             .field("lease", &self.lease)
             .field("checkpoint_interval", &self.checkpoint_interval)
             .finish()
+    }
+}
+
+/// `url` with the password of its user part replaced: `scheme://user:***@host/...`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let Some((user_info, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match user_info.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+        None => url.to_string(),
     }
 }
 
@@ -166,6 +185,26 @@ impl InstanceEnv {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn debug_hides_passwords_in_urls() {
+        assert_eq!(
+            super::redact_url("postgres://dory:s3cret@db:5432/prod?schema=x"),
+            "postgres://dory:***@db:5432/prod?schema=x"
+        );
+        assert_eq!(
+            super::redact_url("amqp://guest@h/%2f"),
+            "amqp://guest@h/%2f"
+        );
+        assert_eq!(super::redact_url("memory://"), "memory://");
+        assert_eq!(super::redact_url("not a url"), "not a url");
+        assert_eq!(
+            super::redact_url("amqps://u:p@ss@h:5671/v"),
+            "amqps://u:***@h:5671/v",
+            "the last @ ends the user part"
+        );
+    }
+
     use super::*;
 
     fn sample() -> InstanceEnv {

@@ -509,6 +509,33 @@ impl StoredSnapshot {
             bytes,
         })
     }
+
+    /// Checks a snapshot handed to a state store before anything is written: the bytes
+    /// [`verify`], the header names the metadata's processor and sequence and the epoch
+    /// `taken_by` (the owner for a checkpoint, the old owner for a move's commit), and the
+    /// metadata's size is the bytes'. Errors are [`Invalid`](Error::Invalid), prefixed with
+    /// `what`.
+    pub fn check_incoming(&self, taken_by: Epoch, what: &str) -> Result<()> {
+        let meta = &self.meta;
+        let header = verify(&self.bytes).map_err(|e| e.context(what))?;
+        if (&header.processor, header.epoch, header.sequence)
+            != (&meta.processor, taken_by, meta.sequence)
+        {
+            return Err(Error::invalid(format!(
+                "{what}: the snapshot's header says processor {} epoch {} {}, expected epoch \
+                 {taken_by}",
+                header.processor, header.epoch, header.sequence
+            )));
+        }
+        if meta.size != self.bytes.len() as u64 {
+            return Err(Error::invalid(format!(
+                "{what}: metadata says {} bytes, the snapshot has {}",
+                meta.size,
+                self.bytes.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// xxh3-64 of the whole snapshot except the checksum field, so a flip anywhere else, header or

@@ -220,36 +220,14 @@ impl MemoryStore {
     }
 }
 
-/// Checks an incoming snapshot's bytes against its metadata.
+/// Checks an incoming snapshot; errors name the operation, processor, epoch and sequence.
 fn verify_incoming(snap: &StoredSnapshot, what: &str, taken_by: Epoch) -> Result<()> {
     let meta = &snap.meta;
-    let context = || {
-        format!(
-            "{what} of processor {} epoch {} {}",
-            meta.processor, meta.epoch, meta.sequence
-        )
-    };
-    let header = snapshot::verify(&snap.bytes).map_err(|e| e.context(context()))?;
-    if (&header.processor, header.epoch, header.sequence)
-        != (&meta.processor, taken_by, meta.sequence)
-    {
-        return Err(Error::invalid(format!(
-            "{}: the snapshot's header says processor {} epoch {} {}",
-            context(),
-            header.processor,
-            header.epoch,
-            header.sequence
-        )));
-    }
-    if meta.size != snap.bytes.len() as u64 {
-        return Err(Error::invalid(format!(
-            "{}: metadata says {} bytes, the snapshot has {}",
-            context(),
-            meta.size,
-            snap.bytes.len()
-        )));
-    }
-    Ok(())
+    let context = format!(
+        "{what} of processor {} epoch {} {}",
+        meta.processor, meta.epoch, meta.sequence
+    );
+    snap.check_incoming(taken_by, &context)
 }
 
 /// Checks a snapshot read back from memory, as a store on disk would after a read.

@@ -63,6 +63,8 @@ mod leadership;
 mod source;
 mod status;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::{DEFAULT_SCHEMA, PgConfig};
 pub use error::Error;

@@ -61,8 +61,11 @@ pub(crate) async fn prepare(
 ///
 /// Writes lock the processor's `ownership` row (`SELECT ... FOR UPDATE`) and decide under that
 /// lock, so concurrent writers of one processor serialise while different processors never
-/// wait for each other. Orchestrator writes also read the `leadership` row `FOR SHARE` and
-/// compare the term, so a new leader's increment waits for them and every later one sees it.
+/// wait for each other. A new checkpoint from the owner, the write instances make most often,
+/// is one conditional statement that locks the same row; anything else (a retry, a refusal)
+/// goes the locked way, so every case keeps its answer. Orchestrator writes also read the
+/// `leadership` row `FOR SHARE` and compare the term, so a new leader's increment waits for
+/// them and every later one sees it.
 /// Leases and timestamps come from the database clock, so every participant measures leases
 /// on one clock. Snapshots are verified with [`snapshot::verify`] before they are stored and
 /// after they are read.
@@ -330,27 +333,55 @@ async fn store_checkpoint(
     Ok(())
 }
 
-/// Checks an incoming snapshot's bytes against its metadata; `taken_by` is the epoch its
-/// header must name.
-fn verify_incoming(snap: &StoredSnapshot, what: &str, taken_by: Epoch) -> Result<()> {
-    let meta = &snap.meta;
-    let header = snapshot::verify(&snap.bytes).map_err(|e| e.context(what))?;
-    if (&header.processor, header.epoch, header.sequence)
-        != (&meta.processor, taken_by, meta.sequence)
-    {
-        return Err(Error::invalid(format!(
-            "{what}: the snapshot's header says processor {} epoch {} {}, expected epoch {taken_by}",
-            header.processor, header.epoch, header.sequence
-        )));
-    }
-    if meta.size != snap.bytes.len() as u64 {
-        return Err(Error::invalid(format!(
-            "{what}: metadata says {} bytes, the snapshot has {}",
-            meta.size,
-            snap.bytes.len()
-        )));
-    }
-    Ok(())
+/// A new checkpoint from the owner, the common case, in one statement: the update of the
+/// ownership row, conditional on `epoch` owning and `sequence` being above the committed one,
+/// records the checkpoint and renews the lease, and the snapshot is inserted only if it did.
+/// One autocommit statement is one transaction, and the update locks the row (`FOR NO KEY
+/// UPDATE`, which conflicts with the `FOR UPDATE` of every other write) and, when it had to
+/// wait for the lock, re-checks the condition against the row's newest version: this is the
+/// locked transaction's write in one statement instead of six.
+///
+/// `None` when it changed nothing (no row, another owner, a sequence not above the committed
+/// one, a retry of the committed checkpoint, or keys beyond a bigint): the caller then decides
+/// under the row lock, which names the reason.
+async fn put_new_checkpoint(
+    pool: &PgPool,
+    snapshot: &StoredSnapshot,
+    lease: Duration,
+    what: &str,
+) -> Result<Option<Timestamp>> {
+    let meta = &snapshot.meta;
+    let (Ok(epoch), Ok(sequence), Ok(size)) = (
+        i64::try_from(meta.epoch.0),
+        i64::try_from(meta.sequence.0),
+        i64::try_from(snapshot.bytes.len()),
+    ) else {
+        return Ok(None);
+    };
+    let expires: Option<i64> = sqlx::query_scalar(
+        "WITH renewed AS ( \
+             UPDATE ownership \
+             SET committed_epoch = $2, committed_seq = $3, \
+                 committed_at = date_trunc('milliseconds', now()), \
+                 lease_expires = date_trunc('milliseconds', now() + $6::float8 * interval '1 millisecond') \
+             WHERE processor = $1 AND owner = $2 \
+               AND (committed_seq IS NULL OR committed_seq < $3) \
+             RETURNING lease_expires), \
+         stored AS ( \
+             INSERT INTO snapshots (processor, epoch, sequence, size, created_at, body) \
+             SELECT $1, $2, $3, $4, date_trunc('milliseconds', now()), $5 FROM renewed) \
+         SELECT floor(extract(epoch from lease_expires) * 1000)::bigint FROM renewed",
+    )
+    .bind(meta.processor.as_str())
+    .bind(epoch)
+    .bind(sequence)
+    .bind(size)
+    .bind(snapshot.bytes.as_slice())
+    .bind(lease_ms(lease))
+    .fetch_optional(pool)
+    .await
+    .map_err(sql(what))?;
+    Ok(expires.map(ts))
 }
 
 /// A snapshot row as read: `(epoch, sequence, size, created_at ms, body)`.
@@ -491,7 +522,7 @@ impl StateStore for PgStore {
         );
         let what = format!("commit_move of {processor} from {from} to {to} at {sequence}");
         logged(&what, async {
-            verify_incoming(snapshot, &what, from)?;
+            snapshot.check_incoming(from, &what)?;
             let mut tx = self.begin(&what).await?;
             check_term(&mut tx, term, &what).await?;
             let row = fetch_locked(&mut tx, processor, &what)
@@ -552,7 +583,12 @@ impl StateStore for PgStore {
         );
         let what = format!("put_checkpoint of {processor} {epoch} {sequence}");
         logged(&what, async {
-            verify_incoming(snapshot, &what, epoch)?;
+            snapshot.check_incoming(epoch, &what)?;
+            if let Some(expires) = put_new_checkpoint(&self.pool, snapshot, lease, &what).await? {
+                return Ok(expires);
+            }
+            // Nothing was written: a retry of the committed checkpoint, or a refusal. Decide
+            // under the row lock, as before the fast path, so each case keeps its answer.
             let mut tx = self.begin(&what).await?;
             let row = fetch_locked(&mut tx, processor, &what)
                 .await?

@@ -137,6 +137,26 @@ impl Broker {
         name
     }
 
+    /// Declares a queue bound to `exchange` that other connections can consume (an input's
+    /// own connection, say). The broker deletes it a minute after its last use, so a test
+    /// that panics leaves nothing behind for long.
+    pub(crate) async fn shared_queue(&self, exchange: &str) -> String {
+        let name = unique_name("dory-it-input");
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-expires".into(), AMQPValue::LongInt(60_000));
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("declare queue {name}: {e}"));
+        self.bind(&name, exchange, "").await;
+        self.queues.lock().await.push(name.clone());
+        name
+    }
+
     /// Binds `queue` to `exchange` (again).
     pub(crate) async fn bind(&self, queue: &str, exchange: &str, binding_key: &str) {
         self.channel

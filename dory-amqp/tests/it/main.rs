@@ -6,8 +6,12 @@
 //! where it fails: a CI run must never pass by testing nothing.
 
 mod broker;
+mod faults;
+mod input;
+mod node;
 mod proxy;
 mod publish;
 mod reconnect;
 mod suite;
+mod tls;
 mod window;

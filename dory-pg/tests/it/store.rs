@@ -261,3 +261,110 @@ async fn pooled_connections_work_in_the_schema_with_the_timeout() {
         "every table, sqlx's migrations included, lives in the configured schema"
     );
 }
+
+/// A checkpoint that waits on the ownership row's lock decides on the row as the holder left
+/// it, not as it was when the checkpoint started: a retry racing the original succeeds, a put
+/// of other bytes at the same sequence is fenced, and so is a put from an epoch that lost
+/// ownership while it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_waiting_on_the_row_lock_decides_on_the_newest_row() {
+    let Some(db) = test_db("lockwait").await else {
+        return;
+    };
+    let leadership = PgLeadership::new(&db.store, unique_name("lockwait"));
+    let term = leadership.acquire().await.expect("acquire");
+    let store = &db.store;
+    let p = unique_processor("lockwait");
+    let e1 = store.claim_epoch(&p, term).await.expect("claim e1");
+    store
+        .assign_owner(&p, None, e1, LEASE, term)
+        .await
+        .expect("assign e1");
+    // How long the holder keeps the lock before committing; the puts must still be waiting.
+    let hold = Duration::from_millis(300);
+
+    // The holder commits #5 by hand, as a put whose answer was lost would have.
+    let s5 = test_snapshot(&p, e1, Sequence(5), b"five");
+    let mut tx = store.pool().begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM ownership WHERE processor = $1 FOR UPDATE")
+        .bind(p.as_str())
+        .execute(&mut *tx)
+        .await
+        .expect("lock the row");
+    sqlx::query(
+        "INSERT INTO snapshots (processor, epoch, sequence, size, created_at, body) \
+         VALUES ($1, $2, 5, $3, now(), $4)",
+    )
+    .bind(p.as_str())
+    .bind(e1.0 as i64)
+    .bind(s5.bytes.len() as i64)
+    .bind(s5.bytes.as_slice())
+    .execute(&mut *tx)
+    .await
+    .expect("insert #5");
+    sqlx::query(
+        "UPDATE ownership SET committed_epoch = $2, committed_seq = 5, committed_at = now() \
+         WHERE processor = $1",
+    )
+    .bind(p.as_str())
+    .bind(e1.0 as i64)
+    .execute(&mut *tx)
+    .await
+    .expect("commit #5 by hand");
+    let (retry, other) = {
+        let (a, b) = (store.clone(), store.clone());
+        let (retry, other) = (s5.clone(), test_snapshot(&p, e1, Sequence(5), b"not five"));
+        (
+            tokio::spawn(async move { a.put_checkpoint(&retry, LEASE).await }),
+            tokio::spawn(async move { b.put_checkpoint(&other, LEASE).await }),
+        )
+    };
+    tokio::time::sleep(hold).await;
+    assert!(
+        !retry.is_finished() && !other.is_finished(),
+        "{p}: both puts must wait for the row lock"
+    );
+    tx.commit().await.expect("holder commits");
+    let retry = retry.await.expect("retry task");
+    assert!(
+        retry.is_ok(),
+        "{p}: a retry of the committed #5 must succeed: {retry:?}"
+    );
+    let other = other.await.expect("other task");
+    assert!(
+        matches!(&other, Err(Error::Fenced(m)) if m.contains("not above the committed")),
+        "{p}: other bytes at the committed #5 must be Fenced: {other:?}"
+    );
+    let latest = store.latest(&p).await.expect("latest").map(|s| s.bytes);
+    assert_eq!(latest, Some(s5.bytes), "{p}: the first #5 must stay");
+
+    // The holder takes ownership away while a put of #6 waits.
+    let mut tx = store.pool().begin().await.expect("begin");
+    sqlx::query("UPDATE ownership SET owner = NULL, lease_expires = NULL WHERE processor = $1")
+        .bind(p.as_str())
+        .execute(&mut *tx)
+        .await
+        .expect("release by hand");
+    let put = {
+        let a = store.clone();
+        let s6 = test_snapshot(&p, e1, Sequence(6), b"six");
+        tokio::spawn(async move { a.put_checkpoint(&s6, LEASE).await })
+    };
+    tokio::time::sleep(hold).await;
+    assert!(
+        !put.is_finished(),
+        "{p}: the put must wait for the row lock"
+    );
+    tx.commit().await.expect("holder commits");
+    let put = put.await.expect("put task");
+    assert!(
+        matches!(&put, Err(Error::Fenced(m)) if m.contains("no epoch does")),
+        "{p}: a put from an epoch released while it waited must be Fenced: {put:?}"
+    );
+    assert_eq!(
+        store.get(&p, e1, Sequence(6)).await.expect("get"),
+        None,
+        "{p}: the fenced #6 must not be stored"
+    );
+    leadership.resign(term).await.expect("resign");
+}

@@ -1,0 +1,793 @@
+//! [`Runtime`]: the lifecycle of one instance: restore or stand by, run the processor
+//! between safe points, checkpoint and heartbeat, freeze, resume and shut down.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dory_control::{ServerSettings, router};
+use dory_core::snapshot::{self, Encoder, Limits};
+use dory_core::{
+    Clock, Error, Input, InputPosition, InstanceEnv, LaunchMode, Phase, Publisher, Sequence,
+    SnapshotMeta, StateStore, StoredSnapshot, SystemClock,
+};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::endpoint::{Endpoint, Envelope, EnvelopeRef, Loaded};
+use crate::error::RuntimeError;
+use crate::processor::{Context, Processor};
+use crate::shared::{Frozen, Shared};
+
+/// How a runtime behaves beyond what the instance environment says.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The host the endpoint server binds (with the environment's port). Default `0.0.0.0`.
+    pub bind_host: String,
+    /// How long a shutdown may wait for the step in progress and the final save. Default 25 s
+    /// (inside Kubernetes' default 30 s grace period).
+    pub grace: Duration,
+    /// Bounds on decoding loaded and restored snapshots.
+    pub limits: Limits,
+    /// The largest `PUT /state` body accepted.
+    pub body_limit: usize,
+    /// The pause before a failed step, checkpoint or restore is tried again. Default 200 ms.
+    pub retry: Duration,
+    /// The clock snapshot timestamps are taken from.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            bind_host: "0.0.0.0".into(),
+            grace: Duration::from_secs(25),
+            limits: Limits::default(),
+            body_limit: dory_control::wire::DEFAULT_BODY_LIMIT,
+            retry: Duration::from_millis(200),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("bind_host", &self.bind_host)
+            .field("grace", &self.grace)
+            .field("limits", &self.limits)
+            .field("body_limit", &self.body_limit)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// The same settings with snapshot timestamps from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The same settings binding another host (e.g. `127.0.0.1` in tests).
+    pub fn with_bind_host(mut self, host: impl Into<String>) -> Self {
+        self.bind_host = host.into();
+        self
+    }
+
+    /// The same settings with another shutdown grace period.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The same settings with another limit on `PUT /state` bodies.
+    pub fn with_body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// The same settings with another retry pause.
+    pub fn with_retry(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+}
+
+/// How a run ended; a binary maps it to its exit code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Exit {
+    /// Shut down cleanly; the final state is committed at this snapshot sequence (the state's
+    /// version; `None` when there was nothing to save: a standby instance, or no step since
+    /// the last checkpoint).
+    Saved {
+        /// The sequence of the final checkpoint, if one was written.
+        sequence: Option<Sequence>,
+    },
+    /// Shut down while frozen after ownership moved to another epoch: exited without saving,
+    /// as a move's old instance must.
+    NotOwner,
+    /// The store fenced this instance off; nothing was saved after that.
+    Fenced {
+        /// What the store said.
+        reason: String,
+    },
+    /// The grace period ran out before the step in progress returned; nothing was saved.
+    GraceExceeded,
+    /// The final checkpoint could not be stored: the state since the last committed one is
+    /// lost (its output was published; the next instance publishes it again from there).
+    SaveFailed {
+        /// The version of the last committed checkpoint.
+        last_committed: Sequence,
+    },
+}
+
+impl Exit {
+    /// The process exit code for this ending: 0 when nothing was lost (saved, or handed over
+    /// as a move's old instance), non-zero otherwise, so a supervisor can tell.
+    pub fn code(&self) -> i32 {
+        match self {
+            Exit::Saved { .. } | Exit::NotOwner => 0,
+            Exit::Fenced { .. } => 3,
+            Exit::GraceExceeded => 4,
+            Exit::SaveFailed { .. } => 5,
+        }
+    }
+}
+
+/// One processor instance: its run loop, heartbeat and endpoint server.
+///
+/// Built from the [`InstanceEnv`] with the backends injected; [`Runtime::bind`] binds the
+/// endpoint port, [`Runtime::run_until`] runs until the given shutdown future resolves (see
+/// [`crate::sigterm`] for the usual one).
+pub struct Runtime<P: Processor> {
+    env: InstanceEnv,
+    processor: P,
+    store: Arc<dyn StateStore>,
+    publisher: Arc<dyn Publisher>,
+    input: Option<Arc<dyn Input>>,
+    settings: Settings,
+    shared: Arc<Shared>,
+    loaded: Loaded<P::State>,
+    listener: TcpListener,
+    address: SocketAddr,
+}
+
+impl<P: Processor> Runtime<P> {
+    /// Binds the endpoint server on the environment's port (0 picks a free one; see
+    /// [`Runtime::local_addr`]). Nothing runs until [`Runtime::run_until`].
+    pub async fn bind(
+        env: InstanceEnv,
+        processor: P,
+        store: Arc<dyn StateStore>,
+        publisher: Arc<dyn Publisher>,
+        input: Option<Arc<dyn Input>>,
+        settings: Settings,
+    ) -> Result<Self, RuntimeError> {
+        let address = format!("{}:{}", settings.bind_host, env.port);
+        let listener = TcpListener::bind(&address)
+            .await
+            .map_err(|source| RuntimeError::Bind {
+                address: address.clone(),
+                source,
+            })?;
+        let address = listener
+            .local_addr()
+            .map_err(|source| RuntimeError::Bind { address, source })?;
+        let shared = Arc::new(Shared::new(
+            env.processor.clone(),
+            env.epoch,
+            env.config.clone(),
+            env.lease,
+        ));
+        Ok(Runtime {
+            env,
+            processor,
+            store,
+            publisher,
+            input,
+            settings,
+            shared,
+            loaded: Arc::new(Mutex::new(None)),
+            listener,
+            address,
+        })
+    }
+
+    /// The address the endpoint server is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Runs the instance until `shutdown` resolves (or the run loop stops for good), then
+    /// freezes at the next safe point, saves a final checkpoint and flushes the publisher
+    /// within the grace period. An instance that is frozen and no longer the owner exits
+    /// without saving.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<Exit, RuntimeError> {
+        let Runtime {
+            env,
+            processor,
+            store,
+            publisher,
+            input,
+            settings,
+            shared,
+            loaded,
+            listener,
+            address,
+        } = self;
+        let span =
+            tracing::info_span!("instance", processor.id = %env.processor, epoch = env.epoch.0);
+        let _entered = span.enter();
+        tracing::info!(target: "dory::runtime", %address, mode = %env.mode, "instance starting");
+        let endpoint = Arc::new(Endpoint::<P::State> {
+            shared: shared.clone(),
+            loaded: loaded.clone(),
+            limits: settings.limits,
+        });
+        let app = router(
+            endpoint,
+            ServerSettings::new(env.token.clone()).with_body_limit(settings.body_limit),
+        );
+        let server: JoinHandle<()> = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(target: "dory::runtime", "endpoint server stopped: {e}");
+            }
+        });
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), store.clone()));
+        let run = RunLoop {
+            mode: env.mode,
+            processor,
+            ctx: Context {
+                shared: shared.clone(),
+                publisher,
+                input,
+                sequence: Sequence(0),
+                position: InputPosition::new(),
+                checkpoint_requested: false,
+            },
+            store,
+            loaded,
+            checkpoint_interval: env.checkpoint_interval,
+            settings: settings.clone(),
+            version: Sequence(0),
+            checkpointed: Sequence(0),
+            last_checkpoint_ms: 0,
+            state: P::State::default(),
+        };
+        let mut run_task = tokio::spawn(run.run());
+        tokio::pin!(shutdown);
+        let exit = tokio::select! {
+            finished = &mut run_task => joined(finished),
+            () = &mut shutdown => {
+                tracing::info!(target: "dory::runtime", "shutdown requested");
+                shared.ctl.send_modify(|c| c.shutdown = true);
+                match tokio::time::timeout(settings.grace, &mut run_task).await {
+                    Ok(finished) => joined(finished),
+                    Err(_) => {
+                        tracing::error!(target: "dory::runtime", grace = ?settings.grace, "the step in progress did not return within the grace period; exiting without saving");
+                        run_task.abort();
+                        Exit::GraceExceeded
+                    }
+                }
+            }
+        };
+        // A fenced run loop ends before any shutdown: keep answering the orchestrator (which
+        // sees the instance is fenced) until it terminates the instance.
+        let exit = if matches!(exit, Exit::Fenced { .. }) && !shared.ctl.borrow().shutdown {
+            shutdown.await;
+            exit
+        } else {
+            exit
+        };
+        shared.set_running(false);
+        heartbeat.abort();
+        server.abort();
+        shared
+            .ctl
+            .send_modify(|c| c.phase = Some(Phase::Exited { code: exit.code() }));
+        tracing::info!(target: "dory::runtime", ?exit, "instance stopped");
+        Ok(exit)
+    }
+}
+
+fn joined(finished: Result<Exit, tokio::task::JoinError>) -> Exit {
+    finished.unwrap_or_else(|e| {
+        // The processor panicked: nothing after its last checkpoint can be trusted.
+        tracing::error!(target: "dory::runtime", "the run loop ended abnormally: {e}");
+        Exit::GraceExceeded
+    })
+}
+
+/// Renews the lease between checkpoints while the instance runs, so a long interval or a
+/// slow step never lets it lapse; a `Fenced` answer fences the instance at once.
+async fn heartbeat(shared: Arc<Shared>, store: Arc<dyn StateStore>) {
+    let every = (shared.lease / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let running = shared.ctl.borrow().phase() == Phase::Running;
+        if !running || shared.is_fenced() {
+            continue;
+        }
+        let sent = shared.now_ms();
+        match store
+            .renew_lease(&shared.processor, shared.epoch, shared.lease)
+            .await
+        {
+            Ok(_) => shared.lease_renewed(sent),
+            Err(Error::Fenced(why)) => shared.fence(why),
+            Err(e) => {
+                tracing::warn!(target: "dory::runtime", "lease renewal failed: {e}");
+            }
+        }
+    }
+}
+
+struct RunLoop<P: Processor> {
+    mode: LaunchMode,
+    processor: P,
+    ctx: Context,
+    store: Arc<dyn StateStore>,
+    loaded: Loaded<P::State>,
+    checkpoint_interval: Duration,
+    settings: Settings,
+    state: P::State,
+    /// The state's version: one up for every step (a step may change the state without
+    /// publishing); the sequence of the snapshots this instance takes.
+    version: Sequence,
+    /// The version of the last committed checkpoint (or the restored/loaded snapshot).
+    checkpointed: Sequence,
+    last_checkpoint_ms: u64,
+}
+
+/// What a safe point decided.
+enum Next {
+    Step,
+    Stop(Exit),
+}
+
+impl<P: Processor> RunLoop<P> {
+    fn shared(&self) -> &Arc<Shared> {
+        &self.ctx.shared
+    }
+
+    async fn run(mut self) -> Exit {
+        let start = match self.mode {
+            LaunchMode::Restore => self.restore().await,
+            LaunchMode::Standby => self.stand_by().await,
+        };
+        if let Some(exit) = start {
+            return exit;
+        }
+        loop {
+            match self.safe_point().await {
+                Next::Stop(exit) => return exit,
+                Next::Step => {}
+            }
+            if let Err(why) = self.shared().can_step() {
+                self.pause(why.to_string()).await;
+                continue;
+            }
+            self.clear_pause();
+            let stepped = self.processor.step(&mut self.state, &mut self.ctx).await;
+            // Failed or not, the step had the state to change.
+            self.version = Sequence(self.version.0 + 1);
+            match stepped {
+                Ok(()) => {
+                    self.shared()
+                        .metrics
+                        .iterations
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    if let Some(Error::Fenced(why)) = e.downcast_ref::<Error>() {
+                        self.shared().fence(why.clone());
+                        continue;
+                    }
+                    self.shared()
+                        .metrics
+                        .step_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target: "dory::runtime", "step failed, trying again: {e}");
+                    self.wait_or_safe_point(self.settings.retry).await;
+                }
+            }
+        }
+    }
+
+    /// Mode `restore`: the latest committed snapshot, or `Default` when there is none; then
+    /// confirm ownership by renewing the lease.
+    async fn restore(&mut self) -> Option<Exit> {
+        let shared = self.shared().clone();
+        let started = tokio::time::Instant::now();
+        loop {
+            if let Some(exit) = self.stop_requested() {
+                return Some(exit);
+            }
+            let latest = match self.store.latest(&shared.processor).await {
+                Ok(latest) => latest,
+                Err(e) => {
+                    tracing::warn!(target: "dory::runtime", "cannot read the latest snapshot yet: {e}");
+                    self.wait_or_safe_point(self.settings.retry).await;
+                    continue;
+                }
+            };
+            if let Some(stored) = &latest {
+                match snapshot::decode_state::<Envelope<P::State>>(
+                    &stored.bytes,
+                    &self.settings.limits,
+                ) {
+                    Ok((header, envelope)) => {
+                        self.adopt(envelope);
+                        self.shared()
+                            .metrics
+                            .snapshot_bytes
+                            .store(stored.bytes.len() as u64, Ordering::Relaxed);
+                        tracing::info!(target: "dory::runtime", from_epoch = header.epoch.0, sequence = header.sequence.0, "restored the latest snapshot");
+                    }
+                    Err(e) => {
+                        // Never run from a state that is not the committed one.
+                        tracing::error!(target: "dory::runtime", "cannot restore: {e}");
+                        self.wait_or_safe_point(self.settings.retry).await;
+                        continue;
+                    }
+                }
+            } else {
+                tracing::info!(target: "dory::runtime", "no snapshot stored: starting fresh");
+            }
+            let sent = shared.now_ms();
+            match self
+                .store
+                .renew_lease(&shared.processor, shared.epoch, shared.lease)
+                .await
+            {
+                Ok(_) => shared.lease_renewed(sent),
+                Err(Error::Fenced(why)) => {
+                    shared.fence(why.clone());
+                    return Some(Exit::Fenced { reason: why });
+                }
+                Err(e) => {
+                    tracing::warn!(target: "dory::runtime", "cannot confirm ownership yet: {e}");
+                    self.wait_or_safe_point(self.settings.retry).await;
+                    continue;
+                }
+            }
+            shared
+                .metrics
+                .restore_ms
+                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.last_checkpoint_ms = shared.now_ms();
+            self.set_running();
+            return None;
+        }
+    }
+
+    /// Mode `standby`: healthy, waiting for a loaded snapshot and a resume.
+    async fn stand_by(&mut self) -> Option<Exit> {
+        let shared = self.shared().clone();
+        shared.ctl.send_modify(|c| c.phase = Some(Phase::Standby));
+        let mut rx = shared.ctl.subscribe();
+        let _ = rx.wait_for(|c| c.resume_requested || c.shutdown).await;
+        if shared.ctl.borrow().shutdown {
+            return Some(Exit::Saved { sequence: None });
+        }
+        let envelope = self
+            .loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(envelope) = envelope {
+            self.adopt(envelope);
+        }
+        // A fresh owner trusts the orchestrator's commit for its first lease; the heartbeat
+        // renews it (or finds it fenced) right after.
+        shared.lease_renewed(shared.now_ms());
+        self.last_checkpoint_ms = shared.now_ms();
+        self.set_running();
+        None
+    }
+
+    fn adopt(&mut self, envelope: Envelope<P::State>) {
+        self.state = envelope.state;
+        self.ctx.sequence = Sequence(envelope.sequence);
+        self.ctx.position = envelope.position;
+        self.version = Sequence(envelope.version);
+        self.checkpointed = self.version;
+        self.shared()
+            .metrics
+            .sequence
+            .store(envelope.sequence, Ordering::Relaxed);
+    }
+
+    fn set_running(&self) {
+        self.shared().set_running(true);
+        self.shared().ctl.send_modify(|c| {
+            c.phase = Some(Phase::Running);
+            c.resume_requested = false;
+            c.frozen = Frozen::No;
+            c.delivered = false;
+        });
+    }
+
+    fn clear_pause(&self) {
+        self.shared()
+            .ctl
+            .send_if_modified(|c| c.paused.take().is_some());
+    }
+
+    async fn pause(&mut self, why: String) {
+        let changed = self.shared().ctl.send_if_modified(|c| {
+            let new = c.paused.as_deref() != Some(why.as_str());
+            c.paused = Some(why.clone());
+            new
+        });
+        if changed {
+            tracing::warn!(target: "dory::runtime", "frozen in place: {why}");
+        }
+        self.wait_or_safe_point(self.settings.retry).await;
+    }
+
+    fn stop_requested(&self) -> Option<Exit> {
+        let c = self.shared().ctl.borrow();
+        if let Some(why) = &c.fenced {
+            return Some(Exit::Fenced {
+                reason: why.clone(),
+            });
+        }
+        c.shutdown.then_some(Exit::Saved { sequence: None })
+    }
+
+    /// Sleeps `pause`, or less when the run loop is wanted at a safe point. Owns what it
+    /// needs, so the run loop's future stays `Send` without `RunLoop` being `Sync`.
+    fn wait_or_safe_point(&self, pause: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let shared = self.shared().clone();
+        async move {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shared.wants_safe_point() => {}
+            }
+        }
+    }
+
+    /// Between two steps: fenced, shutdown, freeze and checkpoints are handled here only.
+    async fn safe_point(&mut self) -> Next {
+        let (fenced, shutdown, freeze) = {
+            let c = self.shared().ctl.borrow();
+            (c.fenced.clone(), c.shutdown, c.freeze_waiters > 0)
+        };
+        if let Some(reason) = fenced {
+            self.shared().set_running(false);
+            return Next::Stop(Exit::Fenced { reason });
+        }
+        if shutdown {
+            return Next::Stop(self.final_save().await);
+        }
+        if freeze {
+            return self.freeze().await;
+        }
+        let due = self
+            .shared()
+            .now_ms()
+            .saturating_sub(self.last_checkpoint_ms)
+            >= self.checkpoint_interval.as_millis() as u64;
+        if due || self.ctx.checkpoint_requested {
+            self.checkpoint().await;
+        }
+        Next::Step
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, Error> {
+        let envelope = EnvelopeRef {
+            version: self.version.0,
+            sequence: self.ctx.sequence.0,
+            position: &self.ctx.position,
+            state: &self.state,
+        };
+        let shared = self.shared();
+        let bytes = Encoder::default().encode_state(
+            &shared.processor,
+            shared.epoch,
+            self.version,
+            &envelope,
+        )?;
+        shared
+            .metrics
+            .snapshot_bytes
+            .store(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// Stores a checkpoint when a step ran since the last one (the store only takes sequences
+    /// above the committed one); otherwise the heartbeat keeps the lease.
+    async fn checkpoint(&mut self) {
+        let shared = self.shared().clone();
+        self.ctx.checkpoint_requested = false;
+        if self.version <= self.checkpointed {
+            self.last_checkpoint_ms = shared.now_ms();
+            shared.set_checkpoint_failing(false);
+            return;
+        }
+        let mark = self.ctx.input.as_ref().map(|i| i.mark());
+        let sent = shared.now_ms();
+        let result = match self.encode() {
+            Ok(bytes) => match StoredSnapshot::from_encoded(bytes, self.settings.clock.now()) {
+                Ok(snapshot) => self.store.put_checkpoint(&snapshot, shared.lease).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(_) => {
+                shared.lease_renewed(sent);
+                shared.set_checkpoint_failing(false);
+                self.checkpointed = self.version;
+                self.last_checkpoint_ms = sent;
+                shared.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .last_checkpoint_ms
+                    .store(sent, Ordering::Relaxed);
+                tracing::debug!(target: "dory::runtime", sequence = self.checkpointed.0, "checkpoint committed");
+                if let (Some(input), Some(mark)) = (&self.ctx.input, mark)
+                    && let Err(e) = input.release(mark).await
+                {
+                    tracing::warn!(target: "dory::runtime", "cannot release input after the checkpoint: {e}");
+                }
+            }
+            Err(Error::Fenced(why)) => shared.fence(why),
+            Err(e) => {
+                shared
+                    .metrics
+                    .checkpoint_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                shared.set_checkpoint_failing(true);
+                tracing::warn!(target: "dory::runtime", "checkpoint failed; not publishing until one is stored: {e}");
+            }
+        }
+    }
+
+    /// Freezes for a request: flush, pause the input, snapshot, then wait for a resume, a
+    /// withdrawal (the request was dropped before it was answered) or a shutdown.
+    async fn freeze(&mut self) -> Next {
+        let shared = self.shared().clone();
+        let started = tokio::time::Instant::now();
+        if let Err(e) = self.ctx.publisher.flush().await {
+            tracing::warn!(target: "dory::runtime", "cannot freeze yet, the publisher did not flush: {e}");
+            self.wait_or_safe_point(self.settings.retry).await;
+            return Next::Step;
+        }
+        if let Some(input) = &self.ctx.input
+            && let Err(e) = input.pause().await
+        {
+            tracing::warn!(target: "dory::runtime", "cannot pause the input: {e}");
+        }
+        let bytes = match self.encode() {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(e) => {
+                tracing::error!(target: "dory::runtime", "cannot snapshot the state: {e}");
+                self.wait_or_safe_point(self.settings.retry).await;
+                return Next::Step;
+            }
+        };
+        let meta = SnapshotMeta {
+            processor: shared.processor.clone(),
+            epoch: shared.epoch,
+            sequence: self.version,
+            size: bytes.len() as u64,
+            created_at: self.settings.clock.now(),
+        };
+        shared.set_running(false);
+        shared.ctl.send_modify(|c| {
+            c.phase = Some(Phase::Frozen);
+            c.frozen = Frozen::ForRequest { bytes, meta };
+        });
+        shared.metrics.freezes.fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .freeze_ms
+            .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        tracing::info!(target: "dory::runtime", version = self.version.0, output = self.ctx.sequence.0, "frozen");
+        let mut rx = shared.ctl.subscribe();
+        let _ = rx
+            .wait_for(|c| {
+                c.resume_requested
+                    || c.shutdown
+                    || c.fenced.is_some()
+                    || (c.freeze_waiters == 0 && !c.delivered)
+            })
+            .await;
+        let (resume, shutdown) = {
+            let c = shared.ctl.borrow();
+            (
+                c.resume_requested || (c.freeze_waiters == 0 && !c.delivered),
+                c.shutdown,
+            )
+        };
+        if shutdown {
+            return Next::Stop(self.final_save().await);
+        }
+        if resume && !shared.is_fenced() {
+            tracing::info!(target: "dory::runtime", "resumed");
+            self.set_running();
+        }
+        Next::Step
+    }
+
+    /// The shutdown path: a frozen instance that no longer owns the processor exits without
+    /// saving; otherwise flush, store a final checkpoint, exit.
+    async fn final_save(&mut self) -> Exit {
+        let shared = self.shared().clone();
+        let phase = shared.ctl.borrow().phase();
+        shared.set_running(false);
+        if let Some(why) = shared.ctl.borrow().fenced.clone() {
+            return Exit::Fenced { reason: why };
+        }
+        if phase == Phase::Frozen {
+            match self.store.ownership(&shared.processor).await {
+                Ok(Some(row)) if row.owner != Some(shared.epoch) => {
+                    tracing::info!(target: "dory::runtime", "frozen and no longer the owner: exiting without saving");
+                    return Exit::NotOwner;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(target: "dory::runtime", "cannot read ownership before the final save: {e}")
+                }
+            }
+        }
+        if let Err(e) = self.ctx.publisher.flush().await {
+            tracing::warn!(target: "dory::runtime", "the publisher did not flush before exit: {e}");
+        }
+        if self.version <= self.checkpointed {
+            return Exit::Saved { sequence: None };
+        }
+        let mut attempts = 0;
+        loop {
+            self.checkpoint().await;
+            if let Some(why) = shared.ctl.borrow().fenced.clone() {
+                return Exit::Fenced { reason: why };
+            }
+            if self.checkpointed == self.version {
+                return Exit::Saved {
+                    sequence: Some(self.checkpointed),
+                };
+            }
+            attempts += 1;
+            if attempts >= 3 {
+                tracing::error!(target: "dory::runtime", "final checkpoint failed; exiting with the last committed one");
+                return Exit::SaveFailed {
+                    last_committed: self.checkpointed,
+                };
+            }
+            tokio::time::sleep(self.settings.retry).await;
+        }
+    }
+}
+
+/// Resolves when the process receives SIGTERM (or SIGINT): pass it to
+/// [`Runtime::run_until`]. The handlers are installed when this is called, so call it before
+/// starting the runtime.
+pub fn sigterm() -> Result<impl Future<Output = ()> + Send + 'static, RuntimeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|source| RuntimeError::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| RuntimeError::Signal {
+        signal: "SIGINT",
+        source,
+    })?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(target: "dory::runtime", "SIGTERM received"),
+            _ = int.recv() => tracing::info!(target: "dory::runtime", "SIGINT received"),
+        }
+    })
+}

@@ -1,0 +1,286 @@
+//! What the run loop, the heartbeat, the endpoint server and user code's [`Context`] share:
+//! the control state (a `watch` channel, never held across an await), the publish gate and
+//! the metrics (atomics).
+//!
+//! [`Context`]: crate::Context
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dory_core::{Epoch, Error, Phase, ProcessorId, Result, Sequence, SnapshotMeta};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Why the run loop stands still.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Frozen {
+    /// Not frozen.
+    #[default]
+    No,
+    /// Frozen for a `POST /state/freeze`, holding this exact snapshot.
+    ForRequest { bytes: Bytes, meta: SnapshotMeta },
+}
+
+/// The control state every party reads and the run loop acts on at its safe points.
+#[derive(Debug, Default)]
+pub(crate) struct Ctl {
+    pub(crate) phase: Option<Phase>,
+    /// Freeze requests in flight; a dropped request withdraws itself.
+    pub(crate) freeze_waiters: usize,
+    /// A freeze request was answered since the last resume: the orchestrator holds the
+    /// snapshot, so the instance stays frozen even when no request is waiting any more.
+    pub(crate) delivered: bool,
+    pub(crate) frozen: Frozen,
+    pub(crate) resume_requested: bool,
+    pub(crate) shutdown: bool,
+    pub(crate) fenced: Option<String>,
+    /// A snapshot loaded in standby: its (epoch, sequence) and bytes, for idempotence.
+    pub(crate) loaded: Option<(Epoch, Sequence, Bytes)>,
+    /// Why the run loop has frozen itself (lease or checkpoint trouble), if it has.
+    pub(crate) paused: Option<String>,
+}
+
+impl Ctl {
+    pub(crate) fn phase(&self) -> Phase {
+        self.phase.clone().unwrap_or(Phase::Starting)
+    }
+
+    /// Whether the run loop must stop at its next safe point.
+    pub(crate) fn wants_safe_point(&self) -> bool {
+        self.freeze_waiters > 0 || self.shutdown || self.fenced.is_some()
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) iterations: AtomicU64,
+    pub(crate) publishes: AtomicU64,
+    pub(crate) sequence: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
+    pub(crate) checkpoint_failures: AtomicU64,
+    /// Milliseconds since the runtime started, of the last committed checkpoint (0: none).
+    pub(crate) last_checkpoint_ms: AtomicU64,
+    pub(crate) snapshot_bytes: AtomicU64,
+    pub(crate) freeze_ms: AtomicU64,
+    pub(crate) freezes: AtomicU64,
+    pub(crate) restore_ms: AtomicU64,
+    pub(crate) step_errors: AtomicU64,
+}
+
+/// The state shared by everything in one instance.
+pub(crate) struct Shared {
+    pub(crate) processor: ProcessorId,
+    pub(crate) epoch: Epoch,
+    pub(crate) config: serde_json::Value,
+    pub(crate) lease: Duration,
+    pub(crate) ctl: watch::Sender<Ctl>,
+    pub(crate) metrics: Metrics,
+    started: Instant,
+    /// Milliseconds since `started` until which the lease is known to run; 0: no lease.
+    lease_until_ms: AtomicU64,
+    /// A due checkpoint could not be stored: no publishing until one is.
+    checkpoint_failing: AtomicBool,
+    fenced: AtomicBool,
+    /// The run loop is running (not standby, frozen or stopped).
+    running: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        processor: ProcessorId,
+        epoch: Epoch,
+        config: serde_json::Value,
+        lease: Duration,
+    ) -> Self {
+        Shared {
+            processor,
+            epoch,
+            config,
+            lease,
+            ctl: watch::Sender::new(Ctl::default()),
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            lease_until_ms: AtomicU64::new(0),
+            checkpoint_failing: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            running: AtomicBool::new(false),
+        }
+    }
+
+    /// Milliseconds since the runtime started (tokio's clock, so paused time works).
+    pub(crate) fn now_ms(&self) -> u64 {
+        // At least 1, so that 0 can mean "never".
+        (self.started.elapsed().as_millis() as u64).max(1)
+    }
+
+    /// The lease runs until `sent_ms + lease`: counted from when the renewing call was
+    /// sent, so the instance's view never outlasts the store's.
+    pub(crate) fn lease_renewed(&self, sent_ms: u64) {
+        let until = sent_ms + self.lease.as_millis() as u64;
+        self.lease_until_ms.fetch_max(until, Ordering::SeqCst);
+    }
+
+    pub(crate) fn lease_running(&self) -> bool {
+        self.now_ms() < self.lease_until_ms.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_checkpoint_failing(&self, failing: bool) {
+        self.checkpoint_failing.store(failing, Ordering::SeqCst);
+    }
+
+    pub(crate) fn set_running(&self, running: bool) {
+        self.running.store(running, Ordering::SeqCst);
+    }
+
+    /// Fences the instance: no publish, no checkpoint, no resume from now on.
+    pub(crate) fn fence(&self, why: String) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!(target: "dory::runtime", processor = %self.processor, epoch = self.epoch.0, "fenced, stopping: {why}");
+        }
+        self.ctl.send_modify(|c| {
+            c.fenced.get_or_insert(why);
+        });
+    }
+
+    pub(crate) fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Whether publishing is allowed now, or why not.
+    pub(crate) fn may_publish(&self) -> Result<()> {
+        let who = || format!("processor {} epoch {}", self.processor, self.epoch);
+        if self.is_fenced() {
+            return Err(Error::fenced(format!(
+                "{}: the instance no longer owns the processor",
+                who()
+            )));
+        }
+        if !self.running.load(Ordering::SeqCst) {
+            return Err(Error::unavailable(format!("{}: not running", who())));
+        }
+        if !self.lease_running() {
+            return Err(Error::unavailable(format!(
+                "{}: the ownership lease could not be renewed in time",
+                who()
+            )));
+        }
+        if self.checkpoint_failing.load(Ordering::SeqCst) {
+            return Err(Error::unavailable(format!(
+                "{}: a due checkpoint could not be stored",
+                who()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The run loop may step: running, owner, lease running and checkpoints storing.
+    pub(crate) fn can_step(&self) -> Result<()> {
+        self.may_publish()
+    }
+
+    pub(crate) fn published(&self, sequence: Sequence) {
+        self.metrics.publishes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sequence.store(sequence.0, Ordering::Relaxed);
+    }
+
+    /// Resolves once the run loop is wanted at a safe point (freeze, shutdown, fenced).
+    pub(crate) async fn wants_safe_point(&self) {
+        let mut rx = self.ctl.subscribe();
+        // The sender lives as long as `self`, so this only ends when the predicate holds.
+        let _ = rx.wait_for(Ctl::wants_safe_point).await;
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub(crate) fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let m = &self.metrics;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        let last = get(&m.last_checkpoint_ms);
+        let age = if last == 0 {
+            -1.0
+        } else {
+            now.saturating_sub(last) as f64 / 1000.0
+        };
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        };
+        metric(
+            "dory_iterations_total",
+            "counter",
+            "Steps the processor completed.",
+            get(&m.iterations).to_string(),
+        );
+        metric(
+            "dory_step_errors_total",
+            "counter",
+            "Steps that returned an error.",
+            get(&m.step_errors).to_string(),
+        );
+        metric(
+            "dory_publishes_total",
+            "counter",
+            "Messages published and confirmed.",
+            get(&m.publishes).to_string(),
+        );
+        metric(
+            "dory_sequence",
+            "gauge",
+            "The sequence of the last message published.",
+            get(&m.sequence).to_string(),
+        );
+        metric(
+            "dory_checkpoints_total",
+            "counter",
+            "Checkpoints committed to the state store.",
+            get(&m.checkpoints).to_string(),
+        );
+        metric(
+            "dory_checkpoint_failures_total",
+            "counter",
+            "Checkpoints the state store did not take.",
+            get(&m.checkpoint_failures).to_string(),
+        );
+        metric(
+            "dory_checkpoint_age_seconds",
+            "gauge",
+            "Seconds since the last committed checkpoint (-1: none yet).",
+            format!("{age}"),
+        );
+        metric(
+            "dory_snapshot_bytes",
+            "gauge",
+            "Encoded size of the last snapshot taken.",
+            get(&m.snapshot_bytes).to_string(),
+        );
+        metric(
+            "dory_freezes_total",
+            "counter",
+            "Freezes completed.",
+            get(&m.freezes).to_string(),
+        );
+        metric(
+            "dory_freeze_duration_seconds",
+            "gauge",
+            "Duration of the last freeze, from request at a safe point to frozen.",
+            format!("{}", get(&m.freeze_ms) as f64 / 1000.0),
+        );
+        metric(
+            "dory_restore_duration_seconds",
+            "gauge",
+            "Duration of the restore or load of the state.",
+            format!("{}", get(&m.restore_ms) as f64 / 1000.0),
+        );
+        metric(
+            "dory_epoch",
+            "gauge",
+            "This instance's epoch.",
+            self.epoch.0.to_string(),
+        );
+        out
+    }
+}

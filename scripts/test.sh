@@ -81,5 +81,10 @@ DORY_SIM_SEEDS="$sim_seeds" cargo nextest run --release --locked -p dory-mock -E
 phase examples
 cargo run --locked --quiet -p dory-example-embed
 
+phase python
+# The `dory` wheel built from source into a fresh virtualenv, its stubs checked against the
+# module, and the pytest suites driving real Python and Rust processor processes.
+bash dory-python/scripts/test-python.sh -q
+
 phase done
 printf '=== total %ss\n' "$(( $(date +%s) - total_start ))"

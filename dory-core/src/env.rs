@@ -24,6 +24,9 @@ pub const PORT: &str = "DORY_PORT";
 pub const STORE_URL: &str = "DORY_STORE_URL";
 /// `DORY_PUBLISHER_URL`: where output goes (`amqp://…`, `file://…`).
 pub const PUBLISHER_URL: &str = "DORY_PUBLISHER_URL";
+/// `DORY_INPUT_URL`: where input comes from (`amqp://…?queue=…`), if the processor consumes
+/// any.
+pub const INPUT_URL: &str = "DORY_INPUT_URL";
 /// `DORY_LEASE_MS`: the ownership lease period in milliseconds.
 pub const LEASE_MS: &str = "DORY_LEASE_MS";
 /// `DORY_CHECKPOINT_INTERVAL_MS`: the checkpoint interval in milliseconds.
@@ -51,6 +54,8 @@ pub struct InstanceEnv {
     pub store_url: String,
     /// The publisher's URL, if output goes anywhere.
     pub publisher_url: Option<String>,
+    /// The input's URL, if the processor consumes input.
+    pub input_url: Option<String>,
     /// The ownership lease period.
     pub lease: Duration,
     /// The checkpoint interval.
@@ -72,6 +77,7 @@ impl fmt::Debug for InstanceEnv {
                 "publisher_url",
                 &self.publisher_url.as_deref().map(redact_url),
             )
+            .field("input_url", &self.input_url.as_deref().map(redact_url))
             .field("lease", &self.lease)
             .field("checkpoint_interval", &self.checkpoint_interval)
             .finish()
@@ -109,6 +115,9 @@ impl InstanceEnv {
         set(STORE_URL, self.store_url.clone());
         if let Some(url) = &self.publisher_url {
             set(PUBLISHER_URL, url.clone());
+        }
+        if let Some(url) = &self.input_url {
+            set(INPUT_URL, url.clone());
         }
         set(LEASE_MS, self.lease.as_millis().to_string());
         set(
@@ -171,6 +180,7 @@ impl InstanceEnv {
             port,
             store_url: required(STORE_URL)?,
             publisher_url: get(PUBLISHER_URL),
+            input_url: get(INPUT_URL),
             lease,
             checkpoint_interval,
             config,
@@ -216,6 +226,7 @@ mod tests {
             port: 0,
             store_url: "sqlite:///tmp/x.db".into(),
             publisher_url: Some("file:///tmp/out".into()),
+            input_url: Some("amqp://reader:hunter2@broker/%2f?queue=words".into()),
             lease: Duration::from_secs(15),
             checkpoint_interval: Duration::from_secs(5),
             config: serde_json::json!({"k": 1}),
@@ -228,7 +239,31 @@ mod tests {
         let vars = env.to_vars();
         let back = InstanceEnv::from_vars(|k| vars.get(k).cloned()).unwrap();
         assert_eq!(back, env);
-        assert!(!format!("{env:?}").contains("secret"));
+        assert_eq!(
+            vars.get(INPUT_URL).map(String::as_str),
+            Some("amqp://reader:hunter2@broker/%2f?queue=words")
+        );
+        let shown = format!("{env:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("amqp://reader:***@broker/%2f?queue=words"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn optional_urls_may_be_absent() {
+        let env = InstanceEnv {
+            publisher_url: None,
+            input_url: None,
+            ..sample()
+        };
+        let vars = env.to_vars();
+        assert!(!vars.contains_key(PUBLISHER_URL));
+        assert!(!vars.contains_key(INPUT_URL));
+        let back = InstanceEnv::from_vars(|k| vars.get(k).cloned()).unwrap();
+        assert_eq!(back, env);
     }
 
     #[test]

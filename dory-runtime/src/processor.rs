@@ -62,6 +62,7 @@ pub struct Context {
     pub(crate) sequence: Sequence,
     pub(crate) position: InputPosition,
     pub(crate) checkpoint_requested: bool,
+    pub(crate) checkpoint_interval: std::time::Duration,
 }
 
 impl Context {
@@ -120,11 +121,22 @@ impl Context {
         self.checkpoint_requested = true;
     }
 
+    /// Resolves once the runtime wants a safe point (a freeze, a shutdown or a fence is
+    /// waiting). A step that waits on something else (a timer, a request from another
+    /// thread) races its wait against this one and returns when it resolves first, so that
+    /// the freeze does not wait for it.
+    pub async fn safe_point_wanted(&self) {
+        self.shared.wants_safe_point().await;
+    }
+
     /// The next input message the state does not hold yet, skipping redelivered ones the
     /// [`InputPosition`] says were already folded in; waits for one.
     ///
     /// Answers `Ok(None)` when the runtime needs a safe point (a freeze or shutdown is
-    /// waiting) before a message arrived: return from the step then. This drops the input's
+    /// waiting) before a message arrived: return from the step then. It also answers
+    /// `Ok(None)`, asking for a checkpoint, when messages are held unreleased and none came
+    /// for a checkpoint interval: the broker sends no more than its prefetch before the held
+    /// ones are acknowledged, which only a checkpoint does. This drops the input's
     /// pending `next` future, so the input must be cancel-safe (losing no message when a
     /// `next` call is dropped). [`Error::Invalid`] when the runtime was given no input.
     pub async fn next_message(&mut self) -> Result<Option<InputMessage>> {
@@ -134,9 +146,14 @@ impl Context {
             ));
         };
         loop {
+            let held = input.unreleased() > 0;
             let message = tokio::select! {
                 biased;
                 () = self.shared.wants_safe_point() => return Ok(None),
+                () = tokio::time::sleep(self.checkpoint_interval), if held => {
+                    self.checkpoint_requested = true;
+                    return Ok(None);
+                }
                 message = input.next() => message?,
             };
             match self.position.admit(&message) {

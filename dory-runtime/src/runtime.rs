@@ -140,6 +140,26 @@ impl Exit {
     }
 }
 
+/// One line for logs and for a supervisor reading stdout: `saved sequence=<n>`,
+/// `saved nothing`, `not-owner`, `fenced <reason>`, `grace-exceeded`,
+/// `save-failed last-committed=<n>`.
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Saved {
+                sequence: Some(sequence),
+            } => write!(f, "saved sequence={}", sequence.0),
+            Exit::Saved { sequence: None } => f.write_str("saved nothing"),
+            Exit::NotOwner => f.write_str("not-owner"),
+            Exit::Fenced { reason } => write!(f, "fenced {reason}"),
+            Exit::GraceExceeded => f.write_str("grace-exceeded"),
+            Exit::SaveFailed { last_committed } => {
+                write!(f, "save-failed last-committed={}", last_committed.0)
+            }
+        }
+    }
+}
+
 /// One processor instance: its run loop, heartbeat and endpoint server.
 ///
 /// Built from the [`InstanceEnv`] with the backends injected; [`Runtime::bind`] binds the
@@ -253,6 +273,7 @@ impl<P: Processor> Runtime<P> {
                 sequence: Sequence(0),
                 position: InputPosition::new(),
                 checkpoint_requested: false,
+                checkpoint_interval: env.checkpoint_interval,
             },
             store,
             loaded,

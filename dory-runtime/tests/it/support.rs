@@ -114,6 +114,7 @@ impl World {
             port: 0,
             store_url: "memory://".into(),
             publisher_url: None,
+            input_url: None,
             lease: LEASE,
             checkpoint_interval: INTERVAL,
             config: serde_json::Value::Null,

@@ -31,13 +31,15 @@ async fn count_continues_across_a_move_and_sigterm_saves() {
     let store = &db.store;
     let queue = &broker;
     let processor = ProcessorId::new("counter").expect("valid id");
-    let config = serde_json::json!({ "exchange": broker.exchange, "interval_ms": 5 });
+    let config = serde_json::json!({ "interval_ms": 5 });
+    // The exchange is the publisher URL's; the routing key defaults to the processor id.
+    let publisher_url = broker.publisher_url();
     let launch = |epoch, mode| Launch {
         processor: &processor,
         epoch,
         mode,
         store_url: &db.instance_url,
-        publisher_url: &broker.url,
+        publisher_url: &publisher_url,
         lease: LEASE,
         checkpoint_interval: CHECKPOINT_INTERVAL,
         config: config.clone(),

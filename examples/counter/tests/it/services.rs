@@ -136,6 +136,14 @@ pub(crate) struct Received {
 }
 
 impl Broker {
+    /// The URL an instance publishes with: the broker URL with this test's exchange as
+    /// `exchange=` (a query parameter `dory-connect` takes out before the URL reaches the
+    /// client).
+    pub(crate) fn publisher_url(&self) -> String {
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{separator}exchange={}", self.url, self.exchange)
+    }
+
     /// How many messages wait in the queue.
     pub(crate) async fn count(&self) -> u32 {
         self.channel

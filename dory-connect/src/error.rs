@@ -1,0 +1,126 @@
+//! [`ConnectError`]: why an instance's backends could not be wired from its environment.
+
+/// Why an instance's backends could not be wired from its environment. Every variant names
+/// the variable at fault (`DORY_STORE_URL`, `DORY_PUBLISHER_URL`, `DORY_INPUT_URL`), and no
+/// message carries a URL, so a password in one never reaches an error or a log line; the
+/// backends' own errors show URLs without their password.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// A variable the instance needs is not set.
+    #[error("{var} is not set: {why}")]
+    Missing {
+        /// The variable.
+        var: &'static str,
+        /// What it is needed for.
+        why: &'static str,
+    },
+    /// The URL's scheme names a backend this crate does not connect.
+    #[error("{var}: unsupported scheme {scheme:?}; supported: {supported}")]
+    UnsupportedScheme {
+        /// The variable.
+        var: &'static str,
+        /// The scheme, as given.
+        scheme: String,
+        /// The schemes that are supported.
+        supported: &'static str,
+    },
+    /// The URL does not parse.
+    #[error("{var} is not a valid URL: {reason}")]
+    BadUrl {
+        /// The variable.
+        var: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A query parameter that neither Dory nor the driver reads: a misspelt one would
+    /// otherwise be ignored without a word.
+    #[error("{var}: unknown query parameter {name:?} ({known})")]
+    UnknownParameter {
+        /// The variable.
+        var: &'static str,
+        /// The parameter's name.
+        name: String,
+        /// Which parameters are read, in words.
+        known: String,
+    },
+    /// One of Dory's query parameters is given twice.
+    #[error("{var}: query parameter {name} is given twice")]
+    DuplicateParameter {
+        /// The variable.
+        var: &'static str,
+        /// The parameter.
+        name: &'static str,
+    },
+    /// A query parameter Dory needs is missing (or empty).
+    #[error("{var}: query parameter {name} is required, e.g. {example}")]
+    MissingParameter {
+        /// The variable.
+        var: &'static str,
+        /// The parameter.
+        name: &'static str,
+        /// An example of the URL with it.
+        example: &'static str,
+    },
+    /// One of Dory's query parameters has a value it cannot use.
+    #[error("{var}: query parameter {name}={value:?} {reason}")]
+    BadParameter {
+        /// The variable.
+        var: &'static str,
+        /// The parameter.
+        name: &'static str,
+        /// Its value, decoded.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The settings read from the variable were refused before connecting (for the input: a
+    /// checkpoint interval longer than half the broker's consumer timeout).
+    #[error("{var}: {source}")]
+    Refused {
+        /// The variable.
+        var: &'static str,
+        /// What the backend refused.
+        #[source]
+        source: Box<dory_amqp::Error>,
+    },
+    /// The state store could not be reached or set up (schema, migrations).
+    #[error("{var}: cannot connect to the state store: {source}")]
+    Store {
+        /// The variable.
+        var: &'static str,
+        /// What the Postgres backend reported.
+        #[source]
+        source: Box<dory_pg::Error>,
+    },
+    /// The broker could not be reached, or refused what was asked (a missing exchange or
+    /// queue, no permission).
+    #[error("{var}: cannot connect the {role}: {source}")]
+    Broker {
+        /// The variable.
+        var: &'static str,
+        /// `publisher` or `input`.
+        role: &'static str,
+        /// What the RabbitMQ backend reported.
+        #[source]
+        source: Box<dory_amqp::Error>,
+    },
+}
+
+impl ConnectError {
+    /// The variable at fault.
+    pub fn var(&self) -> &'static str {
+        match self {
+            ConnectError::Missing { var, .. }
+            | ConnectError::UnsupportedScheme { var, .. }
+            | ConnectError::BadUrl { var, .. }
+            | ConnectError::UnknownParameter { var, .. }
+            | ConnectError::DuplicateParameter { var, .. }
+            | ConnectError::MissingParameter { var, .. }
+            | ConnectError::BadParameter { var, .. }
+            | ConnectError::Refused { var, .. }
+            | ConnectError::Store { var, .. }
+            | ConnectError::Broker { var, .. } => var,
+        }
+    }
+}

@@ -163,7 +163,10 @@ impl Processor for PyProcessor {
             if let PyState::Stored(bytes) = &*state {
                 // A state that cannot be read or migrated is never run from: the step fails,
                 // the runtime logs it and tries again, and nothing is published.
-                self.live.apply(bytes).map_err(|e| py_message(&e))?;
+                // Decoding a large state takes a while under the GIL: the other tasks of this
+                // worker (the resume's HTTP answer among them) move to another thread meanwhile.
+                tokio::task::block_in_place(|| self.live.apply(bytes))
+                    .map_err(|e| py_message(&e))?;
             }
             *state = PyState::Live(Arc::clone(&self.live));
         }

@@ -32,13 +32,12 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::task::JoinSet;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 type Result<T> = std::result::Result<T, BoxError>;
 
-const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const ROUTING_KEY: &str = "bench";
 const PAYLOAD: usize = 1024;
 /// AMQP delivery mode 2: persistent, as Dory publishes.
@@ -94,17 +93,13 @@ struct Setup {
 }
 
 async fn run(full: bool) -> Result<()> {
-    let url = std::env::var("DORY_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_string());
-    let redacted = AmqpConfig::new(url.clone(), "").redacted_url();
-    let connect = async {
-        let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        Ok::<_, lapin::Error>((connection, channel))
-    };
-    let (connection, channel) = match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => return skip(&redacted, &e.to_string()),
-        Err(_) => return skip(&redacted, "no answer within 5s"),
+    // Unlike a test, the bench skips under `CI=true` too.
+    let (url, connection, channel) = match dory_amqp::testing::try_connect().await {
+        Ok(broker) => broker,
+        Err(unreachable) => {
+            println!("SKIP publisher bench: {unreachable}; set DORY_TEST_AMQP_URL");
+            return Ok(());
+        }
     };
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -132,13 +127,6 @@ async fn run(full: bool) -> Result<()> {
         .await;
     let _ = setup.connection.close(200, "bench done".into()).await;
     result
-}
-
-fn skip(url: &str, problem: &str) -> Result<()> {
-    println!(
-        "SKIP publisher bench: RabbitMQ at {url} is unreachable ({problem}); set DORY_TEST_AMQP_URL"
-    );
-    Ok(())
 }
 
 async fn measure(setup: &Setup, url: &str, full: bool) -> Result<()> {

@@ -124,6 +124,9 @@
 //!
 //! Everything logs under the `dory::amqp` tracing target.
 //!
+//! Feature `testing` adds the module `testing`: a test's own connection to a real RabbitMQ
+//! (`DORY_TEST_AMQP_URL`), or a skip line when it is unreachable (a panic under `CI=true`).
+//!
 //! [`flush`]: dory_core::Publisher::flush
 
 mod config;
@@ -131,6 +134,8 @@ mod error;
 mod input;
 mod link;
 mod publisher;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tls;
 
 pub use config::{

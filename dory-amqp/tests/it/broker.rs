@@ -12,15 +12,8 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::Mutex;
-
-const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// The broker URL the tests use.
-pub(crate) fn url() -> String {
-    std::env::var("DORY_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_string())
-}
 
 /// A test's own connection to the broker, for declaring topology and reading messages back.
 pub(crate) struct Broker {
@@ -34,40 +27,14 @@ pub(crate) struct Broker {
 /// Connects to the test broker, or returns `None` after printing a skip line for `test`;
 /// under `CI=true` an unreachable broker fails the test instead.
 pub(crate) async fn broker(test: &str) -> Option<Broker> {
-    let url = url();
-    let connect = async {
-        let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        Ok::<_, lapin::Error>((connection, channel))
-    };
-    let problem = match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok((connection, channel))) => {
-            return Some(Broker {
-                url,
-                channel,
-                connection,
-                exchanges: Mutex::new(Vec::new()),
-                queues: Mutex::new(Vec::new()),
-            });
-        }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => "no answer within 5s".to_string(),
-    };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "{test}: RabbitMQ at DORY_TEST_AMQP_URL ({}) is unreachable and CI=true: {problem}",
-            redacted(&url)
-        );
-    }
-    eprintln!(
-        "SKIP {test}: RabbitMQ at {} is unreachable ({problem}); set DORY_TEST_AMQP_URL",
-        redacted(&url)
-    );
-    None
-}
-
-fn redacted(url: &str) -> String {
-    AmqpConfig::new(url, "").redacted_url()
+    let (url, connection, channel) = dory_amqp::testing::connect(test).await?;
+    Some(Broker {
+        url,
+        channel,
+        connection,
+        exchanges: Mutex::new(Vec::new()),
+        queues: Mutex::new(Vec::new()),
+    })
 }
 
 impl Broker {

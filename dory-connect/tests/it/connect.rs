@@ -9,9 +9,8 @@ use dory_core::{Epoch, InstanceEnv, LaunchMode, OutputMessage, ProcessorId, Sequ
 use dory_pg::testing::TestSchema;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 
-const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A store URL in a schema of its own, or `None` after a skip line.
@@ -32,30 +31,7 @@ struct Broker {
 }
 
 async fn broker(test: &str) -> Option<Broker> {
-    let url = std::env::var("DORY_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into());
-    let connect = async {
-        let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        Ok::<_, lapin::Error>((connection, channel))
-    };
-    let (connection, channel) = match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok(pair)) => pair,
-        outcome => {
-            let problem = match outcome {
-                Ok(Err(e)) => e.to_string(),
-                _ => "no answer within 5s".to_string(),
-            };
-            let shown = dory_core::env::redact_url(&url);
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{test}: CI=true and RabbitMQ at {shown} is unreachable (set DORY_TEST_AMQP_URL): {problem}"
-            );
-            eprintln!(
-                "SKIP {test}: RabbitMQ at {shown} is unreachable ({problem}); set DORY_TEST_AMQP_URL"
-            );
-            return None;
-        }
-    };
+    let (url, connection, channel) = dory_amqp::testing::connect(test).await?;
     let queue = unique_name("dory-it-connect");
     // Not exclusive (the input consumes it on a connection of its own); the broker drops it
     // a minute after its last use, even when the test panics before deleting it.

@@ -2,8 +2,6 @@
 //! queue of their own, or a skip line when a server is unreachable (a failure under
 //! `CI=true`).
 
-use std::time::Duration;
-
 use dory_pg::PgStore;
 use dory_pg::testing::TestSchema;
 use lapin::message::Delivery;
@@ -12,13 +10,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
-
-const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// A name unique to this test process and call.
 pub(crate) fn unique(area: &str) -> String {
@@ -59,30 +51,7 @@ pub(crate) struct Broker {
 /// every key (the broker removes the queue with this connection, even after a panic);
 /// `None` (after a skip line) when the broker is unreachable outside CI.
 pub(crate) async fn broker(test: &str) -> Option<Broker> {
-    let url = std::env::var("DORY_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_string());
-    let connect = async {
-        let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        Ok::<_, lapin::Error>((connection, channel))
-    };
-    let (connection, channel) = match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok(pair)) => pair,
-        outcome => {
-            let problem = match outcome {
-                Ok(Err(e)) => e.to_string(),
-                _ => "no answer within 5s".to_string(),
-            };
-            let shown = dory_amqp::AmqpConfig::new(url.as_str(), "").redacted_url();
-            assert!(
-                !in_ci(),
-                "{test}: CI=true and RabbitMQ at {shown} is unreachable (set DORY_TEST_AMQP_URL): {problem}"
-            );
-            eprintln!(
-                "SKIP {test}: RabbitMQ at {shown} is unreachable ({problem}); set DORY_TEST_AMQP_URL"
-            );
-            return None;
-        }
-    };
+    let (url, connection, channel) = dory_amqp::testing::connect(test).await?;
     let exchange = unique("dory-it-counter");
     channel
         .exchange_declare(

@@ -40,6 +40,8 @@ enum Request {
         until: tokio::time::Instant,
         reply: Py<PyAny>,
     },
+    /// `run()` returned: no request follows.
+    Finished,
 }
 
 /// What a request's future resolves to.
@@ -197,11 +199,15 @@ impl Processor for PyProcessor {
                 return Ok(());
             }
             // User code runs until it sends the next request: no safe point before that.
-            let Some(request) = self.requests.recv().await else {
-                // `run()` is over (returned, or the Python side went away): shut down.
-                self.finished = true;
-                self.bridge.finished.notify_one();
-                return Ok(());
+            let request = match self.requests.recv().await {
+                Some(Request::Finished) | None => {
+                    // `run()` is over (returned, or the Python side went away): the safe
+                    // point after this step saves, and the instance stops.
+                    self.finished = true;
+                    self.bridge.finished.notify_one();
+                    return Ok(());
+                }
+                Some(request) => request,
             };
             let next_message = matches!(request, Request::Next { .. });
             let mid_message = self.in_message && !next_message;
@@ -297,6 +303,8 @@ impl PyProcessor {
                     Performed::Again(Some(Box::new(e)))
                 }
             },
+            // Never kept pending: the step that receives it stops asking for requests.
+            Request::Finished => answered,
             Request::Sleep { until, reply } => {
                 if self.in_message {
                     tokio::time::sleep_until(until).await;
@@ -458,6 +466,9 @@ impl Host {
 
     /// `run()` is over: the instance saves and stops.
     fn finish(&self) {
+        // Through the channel, so that the step waiting for `run()`'s next request ends; the
+        // notification covers a step that is not waiting (a freeze in progress, say).
+        let _ = self.requests.send(Request::Finished);
         self.bridge.finished.notify_one();
     }
 

@@ -60,3 +60,18 @@ def test_migrate_state_is_called_with_the_old_version(py_processor: Counter) -> 
     assert migrated.text == "migrated from 1 amount=42", migrated.text
     code, line = new.stop()
     assert code == 0, line
+
+
+def test_run_returning_saves_and_exits_cleanly(py_processor: Counter) -> None:
+    p = py_processor
+    one = p.start("one", p.orch.claim(), spec="pystate:Finishes", config={})
+    code, line = one.exited()
+    assert code == 0 and line.startswith("saved sequence="), line
+    p.wait_text(lambda t: t == "3")
+    assert [m.text for m in p.received] == ["1", "2", "3"]
+    # Restored with count 3, the next start publishes nothing more and exits again.
+    two = p.start("two", p.orch.claim(), spec="pystate:Finishes", config={})
+    code, line = two.exited()
+    assert code == 0 and line.startswith("saved"), line
+    p.received += p.broker.drain()
+    assert [m.text for m in p.received] == ["1", "2", "3"]

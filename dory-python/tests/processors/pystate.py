@@ -178,3 +178,15 @@ class NewShape(dory.BaseProcessor):
     async def run(self, ctx: dory.Context) -> None:
         await ctx.publish(f"migrated from {self.migrated_from} amount={self.amount}")
         await _idle(ctx)
+
+
+class Finishes(dory.BaseProcessor):
+    """Publishes three counts and returns from ``run``: the instance saves and exits 0."""
+
+    count: int = 0
+
+    async def run(self, ctx: dory.Context) -> None:
+        while self.count < 3:
+            n = self.count + 1
+            await ctx.publish(str(n))
+            self.count = n

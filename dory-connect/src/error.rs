@@ -124,3 +124,50 @@ impl ConnectError {
         }
     }
 }
+
+/// What a failed wiring means to the runtime: a backend's error keeps the meaning that
+/// backend gives it (an unreachable database or broker is unavailable, a missing queue is not
+/// found, a bad TLS file invalid), with the variable in front; a wrong variable is invalid.
+impl From<ConnectError> for dory_core::Error {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::Store { var, source } => dory_core::Error::from(*source)
+                .context(format!("{var}: cannot connect to the state store")),
+            ConnectError::Broker { var, role, source } => {
+                dory_core::Error::from(*source).context(format!("{var}: cannot connect the {role}"))
+            }
+            ConnectError::Refused { var, source } => dory_core::Error::from(*source).context(var),
+            other => dory_core::Error::invalid(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_keep_the_backends_meaning_and_name_the_variable() {
+        let missing = ConnectError::Missing {
+            var: "DORY_STORE_URL",
+            why: "the state store",
+        };
+        let core = dory_core::Error::from(missing);
+        assert!(matches!(core, dory_core::Error::Invalid(_)), "{core:?}");
+        assert!(core.to_string().contains("DORY_STORE_URL"), "{core}");
+
+        let refused = ConnectError::Broker {
+            var: "DORY_INPUT_URL",
+            role: "input",
+            source: Box::new(dory_amqp::Error::Config("prefetch 0".into())),
+        };
+        let core = dory_core::Error::from(refused);
+        assert!(matches!(core, dory_core::Error::Invalid(_)), "{core:?}");
+        let text = core.to_string();
+        assert!(
+            text.contains("DORY_INPUT_URL: cannot connect the input")
+                && text.contains("prefetch 0"),
+            "{text}"
+        );
+    }
+}

@@ -529,7 +529,7 @@ async fn serve(
     exited: Py<PyAny>,
 ) {
     let result = async {
-        let backends = Backends::connect(&env).await.map_err(to_core)?;
+        let backends = Backends::connect(&env).await.map_err(Error::from)?;
         let publisher = backends.dyn_publisher();
         let input = backends.dyn_input();
         let store = backends.store.clone();
@@ -568,19 +568,6 @@ async fn serve(
         );
         bridge.resolve(py, &exited, outcome);
     });
-}
-
-/// A backend that cannot be reached is retryable; a wrong variable is not.
-fn to_core(error: dory_connect::ConnectError) -> Error {
-    use dory_connect::ConnectError;
-    if matches!(
-        error,
-        ConnectError::Store { .. } | ConnectError::Broker { .. }
-    ) {
-        Error::unavailable(error.to_string())
-    } else {
-        Error::invalid(error.to_string())
-    }
 }
 
 fn runtime_to_core(error: dory_runtime::RuntimeError) -> Error {

@@ -69,6 +69,9 @@ phase docs
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 phase test
+# The `dory` end-to-end tests run the counter example as their processor.
+cargo build --locked --quiet -p dory-example-counter
+export DORY_COUNTER_BIN="$CARGO_TARGET_DIR/debug/dory-example-counter"
 # The simulator's seeds run below in a release build; here a handful keep the debug run quick.
 DORY_SIM_SEEDS=16 cargo nextest run --workspace --locked --no-fail-fast
 

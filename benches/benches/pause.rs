@@ -577,6 +577,7 @@ fn environment(
         mode,
         token: TOKEN.into(),
         port: 0,
+        address_file: None,
         store_url,
         publisher_url,
         input_url: None,

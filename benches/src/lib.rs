@@ -1,7 +1,11 @@
 //! Shared helpers for Dory benchmarks.
 
+use std::fmt;
 use std::future::Future;
 use std::time::Duration;
+
+use serde::de::{Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Runs a benchmark that talks to a server on a two-thread tokio runtime. Its future gets
 /// `full`: true under `cargo bench` (which passes `--bench`), false under
@@ -40,6 +44,36 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A state of bytes, serialized as one byte string rather than element by element (serde's
+/// default for `Vec<u8>`), so encoding it costs what copying and compressing the bytes cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Blob(pub Vec<u8>);
+
+impl Serialize for Blob {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Blob, D::Error> {
+        struct BlobVisitor;
+        impl<'de> Visitor<'de> for BlobVisitor {
+            type Value = Blob;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
+                Ok(Blob(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
+                Ok(Blob(v))
+            }
+        }
+        d.deserialize_byte_buf(BlobVisitor)
+    }
 }
 
 /// p50, p99 and the maximum of `values` (nearest rank).

@@ -1,5 +1,6 @@
 //! The pure part: each backend's settings read from the instance environment, no I/O.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use dory_amqp::{AmqpConfig, AmqpInputConfig};
@@ -19,7 +20,156 @@ pub const DEFAULT_EXCHANGE: &str = "amq.topic";
 /// few statements at a time.
 pub const STORE_POOL_SIZE: u32 = 4;
 
-/// The state store's settings from `url` (the value of `DORY_STORE_URL`).
+/// Which state store `DORY_STORE_URL` names, with its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreConfig {
+    /// `postgres://…`: a [`dory_pg::PgStore`] ([`store_config`]).
+    Postgres(PgConfig),
+    /// `sqlite:///abs/path/dory.db`: a [`dory_embedded::EmbeddedStore`] in that file (the
+    /// embedded database every process on the machine shares).
+    Sqlite(PathBuf),
+}
+
+/// Which publisher `DORY_PUBLISHER_URL` names, with its settings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum PublisherConfig {
+    /// `amqp://…`, `amqps://…`: a [`dory_amqp::AmqpPublisher`] ([`publisher_config`]).
+    Amqp(AmqpConfig),
+    /// `file:///abs/dir`: a [`dory_embedded::FilePublisher`] writing
+    /// `<dir>/<processor>.jsonl`.
+    File(PathBuf),
+}
+
+/// The state store's settings from `url` (the value of `DORY_STORE_URL`), whichever store it
+/// names: `postgres://…` and `postgresql://…` as [`store_config`] reads them, or
+/// `sqlite:///abs/path/dory.db` (an absolute path, percent-encoded where needed; no query
+/// parameters).
+pub fn store_settings(url: &str) -> Result<StoreConfig, ConnectError> {
+    let var = STORE_URL;
+    match scheme(url).as_deref() {
+        Some("sqlite") => local_path(var, url, "sqlite", "sqlite:///var/lib/dory/dory.db")
+            .map(StoreConfig::Sqlite),
+        Some("postgres" | "postgresql") => store_config(url).map(StoreConfig::Postgres),
+        _ => {
+            check_scheme(
+                var,
+                url,
+                &["postgres", "postgresql", "sqlite"],
+                "postgres://, postgresql://, sqlite://",
+            )?;
+            unreachable_scheme(var)
+        }
+    }
+}
+
+/// The publisher's settings from `DORY_PUBLISHER_URL`, whichever publisher it names:
+/// `amqp://…` and `amqps://…` as [`publisher_config`] reads them, or `file:///abs/dir` (an
+/// absolute directory, percent-encoded where needed; no query parameters).
+pub fn publisher_settings(env: &InstanceEnv) -> Result<PublisherConfig, ConnectError> {
+    let var = PUBLISHER_URL;
+    let Some(url) = &env.publisher_url else {
+        return Err(missing_publisher());
+    };
+    match scheme(url).as_deref() {
+        Some("file") => {
+            local_path(var, url, "file", "file:///var/lib/dory/output").map(PublisherConfig::File)
+        }
+        Some("amqp" | "amqps") => publisher_config(env).map(PublisherConfig::Amqp),
+        _ => {
+            check_scheme(
+                var,
+                url,
+                &["amqp", "amqps", "file"],
+                "amqp://, amqps://, file://",
+            )?;
+            unreachable_scheme(var)
+        }
+    }
+}
+
+/// After `check_scheme` refused every scheme not matched above: cannot happen, reported as a
+/// bad URL rather than a panic.
+fn unreachable_scheme<T>(var: &'static str) -> Result<T, ConnectError> {
+    Err(ConnectError::BadUrl {
+        var,
+        reason: "its scheme is not supported".into(),
+    })
+}
+
+fn missing_publisher() -> ConnectError {
+    ConnectError::Missing {
+        var: PUBLISHER_URL,
+        why: "an instance publishes its output through it (amqp://… or file:///…)",
+    }
+}
+
+/// The absolute local path of a `scheme:///path` URL: no host, no query, no fragment; `%XX`
+/// escapes decoded (a path may hold any character but `/` and NUL).
+fn local_path(
+    var: &'static str,
+    url: &str,
+    scheme: &str,
+    example: &'static str,
+) -> Result<PathBuf, ConnectError> {
+    let bad_url = |reason: String| ConnectError::BadUrl { var, reason };
+    // The scheme was matched case-insensitively; what follows `://` is the rest.
+    let rest = &url[scheme.len() + 3..];
+    if !rest.starts_with('/') {
+        return Err(bad_url(format!(
+            "a {scheme}:// URL names a local absolute path with no host, e.g. {example}"
+        )));
+    }
+    if rest.contains('#') {
+        return Err(bad_url(
+            "it has a fragment (`#…`); write a `#` in a path as `%23`".into(),
+        ));
+    }
+    if let Some((_, query)) = rest.split_once('?') {
+        let name = form_urlencoded::parse(query.as_bytes())
+            .next()
+            .map(|(n, _)| n.into_owned())
+            .unwrap_or_default();
+        return Err(ConnectError::UnknownParameter {
+            var,
+            name,
+            known: format!("a {scheme}:// URL takes no parameters; write a `?` in a path as `%3F`"),
+        });
+    }
+    let decoded = percent_decode(rest)
+        .ok_or_else(|| bad_url("it has a `%` that is not followed by two hex digits".into()))?;
+    let path =
+        String::from_utf8(decoded).map_err(|_| bad_url("its decoded path is not UTF-8".into()))?;
+    if path.contains('\0') || (scheme == "sqlite" && path.ends_with('/')) {
+        return Err(bad_url(format!(
+            "a {scheme}:// URL must name a file, e.g. {example}"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Decodes `%XX` escapes; `None` for a `%` without two hex digits after it.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The Postgres state store's settings from `url` (the value of `DORY_STORE_URL`); the
+/// Postgres half of [`store_settings`], for tools that only speak Postgres (other schemes,
+/// `sqlite://` included, are refused).
 ///
 /// `postgres://…` or `postgresql://…`. Dory's parameter `schema` (the schema holding Dory's
 /// tables; [`dory_pg::DEFAULT_SCHEMA`] without it) is taken out; the driver's own
@@ -44,7 +194,8 @@ pub fn store_config(url: &str) -> Result<PgConfig, ConnectError> {
     })
 }
 
-/// The publisher's settings from `DORY_PUBLISHER_URL`.
+/// The RabbitMQ publisher's settings from `DORY_PUBLISHER_URL`; the AMQP half of
+/// [`publisher_settings`] (other schemes, `file://` included, are refused).
 ///
 /// `amqp://…` or `amqps://…`. Dory's parameters `exchange` (default [`DEFAULT_EXCHANGE`];
 /// `exchange=` with no value is the broker's default exchange, which routes by queue name)
@@ -54,10 +205,7 @@ pub fn store_config(url: &str) -> Result<PgConfig, ConnectError> {
 pub fn publisher_config(env: &InstanceEnv) -> Result<AmqpConfig, ConnectError> {
     let var = PUBLISHER_URL;
     let Some(url) = &env.publisher_url else {
-        return Err(ConnectError::Missing {
-            var,
-            why: "an instance publishes its output through it (amqp://…)",
-        });
+        return Err(missing_publisher());
     };
     let split = amqp_split(var, url, &["exchange", "routing_key"])?;
     let exchange = split.get("exchange").unwrap_or(DEFAULT_EXCHANGE);
@@ -130,10 +278,10 @@ pub fn input_config(env: &InstanceEnv) -> Result<Option<AmqpInputConfig>, Connec
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct BackendsConfig {
-    /// The state store, from `DORY_STORE_URL` ([`store_config`]).
-    pub store: PgConfig,
-    /// The publisher, from `DORY_PUBLISHER_URL` ([`publisher_config`]).
-    pub publisher: AmqpConfig,
+    /// The state store, from `DORY_STORE_URL` ([`store_settings`]).
+    pub store: StoreConfig,
+    /// The publisher, from `DORY_PUBLISHER_URL` ([`publisher_settings`]).
+    pub publisher: PublisherConfig,
     /// The input, from `DORY_INPUT_URL` ([`input_config`]), if the processor consumes any.
     pub input: Option<AmqpInputConfig>,
 }
@@ -142,8 +290,8 @@ impl BackendsConfig {
     /// Reads every backend's settings from `env`; the first error found, naming its variable.
     pub fn from_env(env: &InstanceEnv) -> Result<BackendsConfig, ConnectError> {
         Ok(BackendsConfig {
-            store: store_config(&env.store_url)?,
-            publisher: publisher_config(env)?,
+            store: store_settings(&env.store_url)?,
+            publisher: publisher_settings(env)?,
             input: input_config(env)?,
         })
     }
@@ -219,6 +367,8 @@ fn amqp_split(
 mod tests {
     use dory_core::{Epoch, LaunchMode, ProcessorId};
 
+    use std::path::Path;
+
     use super::*;
 
     const SECRET: &str = "hunter2";
@@ -236,6 +386,7 @@ mod tests {
             lease: Duration::from_secs(15),
             checkpoint_interval: Duration::from_secs(5),
             config: serde_json::Value::Null,
+            address_file: None,
         }
     }
 
@@ -415,14 +566,80 @@ mod tests {
     }
 
     #[test]
+    fn local_files_come_from_sqlite_and_file_urls() {
+        assert_eq!(
+            store_settings("sqlite:///var/lib/dory/dory.db").unwrap(),
+            StoreConfig::Sqlite(PathBuf::from("/var/lib/dory/dory.db"))
+        );
+        assert_eq!(
+            store_settings("SQLITE:///tmp/my%20dir/d%23b.db").unwrap(),
+            StoreConfig::Sqlite(PathBuf::from("/tmp/my dir/d#b.db"))
+        );
+        assert!(matches!(
+            store_settings("postgres://u@h/db?schema=x").unwrap(),
+            StoreConfig::Postgres(c) if c.schema == "x"
+        ));
+        let mut e = env(Some("file:///srv/out"), None);
+        assert!(matches!(
+            publisher_settings(&e).unwrap(),
+            PublisherConfig::File(dir) if dir == Path::new("/srv/out")
+        ));
+        e.publisher_url = Some("amqp://h/%2f?exchange=x".into());
+        assert!(matches!(
+            publisher_settings(&e).unwrap(),
+            PublisherConfig::Amqp(c) if c.exchange == "x"
+        ));
+    }
+
+    #[test]
+    fn bad_local_urls_name_the_variable() {
+        for (url, what) in [
+            ("sqlite://relative/dory.db", "host"),
+            ("sqlite:dory.db", "scheme"),
+            ("sqlite:///tmp/dory.db?mode=ro", "parameter"),
+            ("sqlite:///tmp/dory.db#x", "fragment"),
+            ("sqlite:///tmp/%zz.db", "escape"),
+            ("sqlite:///tmp/", "directory"),
+            ("sqlite:///tmp/%ff.db", "utf8"),
+            ("mysql://h/db", "scheme"),
+        ] {
+            let e = store_settings(url).unwrap_err();
+            check(&e, "DORY_STORE_URL");
+            match what {
+                "parameter" => assert!(
+                    matches!(&e, ConnectError::UnknownParameter { name, .. } if name == "mode"),
+                    "{url}: {e}"
+                ),
+                "scheme" if url.starts_with("mysql") => assert!(
+                    matches!(&e, ConnectError::UnsupportedScheme { supported, .. } if supported.contains("sqlite://")),
+                    "{url}: {e}"
+                ),
+                _ => assert!(matches!(e, ConnectError::BadUrl { .. }), "{url}: {e}"),
+            }
+        }
+        for url in ["file://host/out", "file:///out?x=1", "kafka://h/t"] {
+            let e = publisher_settings(&env(Some(url), None)).unwrap_err();
+            check(&e, "DORY_PUBLISHER_URL");
+        }
+        let e = publisher_settings(&env(None, None)).unwrap_err();
+        assert!(matches!(e, ConnectError::Missing { .. }), "{e}");
+    }
+
+    #[test]
     fn from_env_reads_all_three() {
         let e = env(
             Some("amqp://guest:hunter2@h/%2f?exchange=out"),
             Some("amqp://guest:hunter2@h/%2f?queue=words"),
         );
         let c = BackendsConfig::from_env(&e).unwrap();
-        assert_eq!(c.store.schema, dory_pg::DEFAULT_SCHEMA);
-        assert_eq!(c.publisher.exchange, "out");
+        assert!(
+            matches!(&c.store, StoreConfig::Postgres(pg) if pg.schema == dory_pg::DEFAULT_SCHEMA),
+            "{c:?}"
+        );
+        assert!(
+            matches!(&c.publisher, PublisherConfig::Amqp(amqp) if amqp.exchange == "out"),
+            "{c:?}"
+        );
         assert_eq!(c.input.map(|i| i.queue).as_deref(), Some("words"));
         let shown = format!("{:?}", BackendsConfig::from_env(&e).unwrap());
         assert!(!shown.contains(SECRET), "{shown}");

@@ -3,7 +3,8 @@
 /// Why an instance's backends could not be wired from its environment. Every variant names
 /// the variable at fault (`DORY_STORE_URL`, `DORY_PUBLISHER_URL`, `DORY_INPUT_URL`), and no
 /// message carries a URL, so a password in one never reaches an error or a log line; the
-/// backends' own errors show URLs without their password.
+/// backends' own errors show URLs without their password (a local-file backend's error names
+/// its path, which holds no secret).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
@@ -93,6 +94,18 @@ pub enum ConnectError {
         #[source]
         source: Box<dory_pg::Error>,
     },
+    /// A local-file backend (the `sqlite://` store, the `file://` publisher) could not be
+    /// opened: a missing directory, no permission, a file that is not a database.
+    #[error("{var}: cannot open the {role}: {source}")]
+    Local {
+        /// The variable.
+        var: &'static str,
+        /// `state store` or `publisher`.
+        role: &'static str,
+        /// What the embedded backend reported.
+        #[source]
+        source: Box<dory_embedded::Error>,
+    },
     /// The broker could not be reached, or refused what was asked (a missing exchange or
     /// queue, no permission).
     #[error("{var}: cannot connect the {role}: {source}")]
@@ -120,6 +133,7 @@ impl ConnectError {
             | ConnectError::BadParameter { var, .. }
             | ConnectError::Refused { var, .. }
             | ConnectError::Store { var, .. }
+            | ConnectError::Local { var, .. }
             | ConnectError::Broker { var, .. } => var,
         }
     }
@@ -135,6 +149,9 @@ impl From<ConnectError> for dory_core::Error {
                 .context(format!("{var}: cannot connect to the state store")),
             ConnectError::Broker { var, role, source } => {
                 dory_core::Error::from(*source).context(format!("{var}: cannot connect the {role}"))
+            }
+            ConnectError::Local { var, role, source } => {
+                dory_core::Error::from(*source).context(format!("{var}: cannot open the {role}"))
             }
             ConnectError::Refused { var, source } => dory_core::Error::from(*source).context(var),
             other => dory_core::Error::invalid(other.to_string()),

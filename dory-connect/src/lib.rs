@@ -26,7 +26,9 @@
 //! | variable | schemes | Dory's parameters | kept for the driver |
 //! |---|---|---|---|
 //! | `DORY_STORE_URL` | `postgres://`, `postgresql://` | `schema` (default `dory`) | `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `application_name`, `options`, … |
+//! | `DORY_STORE_URL` | `sqlite:///abs/path/dory.db` | none | none |
 //! | `DORY_PUBLISHER_URL` | `amqp://`, `amqps://` | `exchange` (default `amq.topic`), `routing_key` (default: the processor id) | `heartbeat`, `frame_max`, `channel_max`, `connection_timeout`, `auth_mechanism` |
+//! | `DORY_PUBLISHER_URL` | `file:///abs/dir` | none | none |
 //! | `DORY_INPUT_URL` (optional) | `amqp://`, `amqps://` | `queue` (required), `prefetch` (default 1000), `consumer_timeout_ms` (default 30 min, RabbitMQ's) | as above |
 //!
 //! For example `DORY_STORE_URL=postgres://dory:…@db/dory?schema=tenant_a&sslmode=require`,
@@ -35,8 +37,16 @@
 //! percent-decoded (`%23` is `#`). The input is acknowledged after each checkpoint, so
 //! `DORY_CHECKPOINT_INTERVAL_MS` must be at most half the broker's consumer timeout.
 //!
-//! The pure functions [`store_config`], [`publisher_config`] and [`input_config`] (together:
-//! [`BackendsConfig::from_env`]) read the settings without connecting, so a wrong variable is
+//! The no-install defaults (`dory-embedded`) are local files: `sqlite:///abs/path/dory.db` is
+//! the embedded SQLite database the orchestrator and every instance on the machine share
+//! (created if missing, its directory must exist), and `file:///abs/dir` writes each
+//! processor's output to `<dir>/<processor>.jsonl` (created if missing). Both take an absolute
+//! path with no host (three slashes), percent-encoded where needed (`%20` for a space, `%23`
+//! for `#`, `%3F` for `?`), and no query parameters.
+//!
+//! The pure functions [`store_settings`], [`publisher_settings`] and [`input_config`]
+//! (together: [`BackendsConfig::from_env`]) read the settings without connecting
+//! ([`store_config`] and [`publisher_config`] are their Postgres and RabbitMQ halves), so a wrong variable is
 //! reported before anything is opened. Every [`ConnectError`] names the variable at fault;
 //! none carries a URL, so a password never reaches an error or a log line.
 //!
@@ -47,9 +57,10 @@ mod config;
 mod error;
 mod query;
 
-pub use backends::Backends;
+pub use backends::{Backends, PublisherBackend};
 pub use config::{
-    BackendsConfig, DEFAULT_EXCHANGE, STORE_POOL_SIZE, input_config, publisher_config, store_config,
+    BackendsConfig, DEFAULT_EXCHANGE, PublisherConfig, STORE_POOL_SIZE, StoreConfig, input_config,
+    publisher_config, publisher_settings, store_config, store_settings,
 };
 pub use error::ConnectError;
 

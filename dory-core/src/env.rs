@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -33,6 +34,11 @@ pub const LEASE_MS: &str = "DORY_LEASE_MS";
 pub const CHECKPOINT_INTERVAL_MS: &str = "DORY_CHECKPOINT_INTERVAL_MS";
 /// `DORY_CONFIG`: the processor's free-form configuration, as JSON.
 pub const CONFIG: &str = "DORY_CONFIG";
+/// `DORY_ADDRESS_FILE` (optional): a file the runtime writes its bound `host:port` to, right
+/// after binding and before it answers health checks, by writing a temporary file in the same
+/// directory and renaming it (so a reader sees the whole address or no file). It is how a
+/// placement that starts instances with `DORY_PORT=0` (the local one) learns the port each got.
+pub const ADDRESS_FILE: &str = "DORY_ADDRESS_FILE";
 
 /// The default endpoint port.
 pub const DEFAULT_PORT: u16 = 8080;
@@ -62,6 +68,8 @@ pub struct InstanceEnv {
     pub checkpoint_interval: Duration,
     /// The processor's configuration.
     pub config: serde_json::Value,
+    /// Where the runtime reports the address it bound ([`ADDRESS_FILE`]), if anywhere.
+    pub address_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for InstanceEnv {
@@ -80,6 +88,7 @@ impl fmt::Debug for InstanceEnv {
             .field("input_url", &self.input_url.as_deref().map(redact_url))
             .field("lease", &self.lease)
             .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("address_file", &self.address_file)
             .finish()
     }
 }
@@ -125,6 +134,9 @@ impl InstanceEnv {
             self.checkpoint_interval.as_millis().to_string(),
         );
         set(CONFIG, self.config.to_string());
+        if let Some(path) = &self.address_file {
+            set(ADDRESS_FILE, path.display().to_string());
+        }
         vars
     }
 
@@ -184,6 +196,9 @@ impl InstanceEnv {
             lease,
             checkpoint_interval,
             config,
+            address_file: get(ADDRESS_FILE)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
         })
     }
 
@@ -230,6 +245,7 @@ mod tests {
             lease: Duration::from_secs(15),
             checkpoint_interval: Duration::from_secs(5),
             config: serde_json::json!({"k": 1}),
+            address_file: Some(PathBuf::from("/tmp/dory/counter-7/address")),
         }
     }
 
@@ -257,11 +273,13 @@ mod tests {
         let env = InstanceEnv {
             publisher_url: None,
             input_url: None,
+            address_file: None,
             ..sample()
         };
         let vars = env.to_vars();
         assert!(!vars.contains_key(PUBLISHER_URL));
         assert!(!vars.contains_key(INPUT_URL));
+        assert!(!vars.contains_key(ADDRESS_FILE));
         let back = InstanceEnv::from_vars(|k| vars.get(k).cloned()).unwrap();
         assert_eq!(back, env);
     }

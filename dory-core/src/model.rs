@@ -776,6 +776,84 @@ pub struct ProcessorStatus {
     pub spec_revision: Option<u64>,
     /// When this status was written.
     pub updated_at: Timestamp,
+    /// The last failover: what it restored and what may have been lost. Defaulted so that
+    /// status rows written before the field existed still parse.
+    #[serde(default)]
+    pub last_failover: Option<FailoverReport>,
+}
+
+/// What a failover cost a processor: the checkpoint its replacement restored and how old that
+/// checkpoint was when the node was lost. The work done after the checkpoint is lost (for a
+/// processor that publishes, the replacement publishes it again under its higher epoch), so
+/// the age bounds the loss: at most one checkpoint interval when the owner checkpointed on
+/// time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FailoverReport {
+    /// When the replacement was started.
+    pub at: Timestamp,
+    /// The replacement's epoch.
+    pub epoch: Epoch,
+    /// The owner that was lost, if there was one.
+    pub lost_epoch: Option<Epoch>,
+    /// The node it was lost with, when the orchestrator saw its instance.
+    pub lost_node: Option<NodeId>,
+    /// When that node stopped being ready, when known.
+    pub lost_at: Option<Timestamp>,
+    /// The sequence of the committed checkpoint the replacement restores (`None`: there was
+    /// none, so it starts from its initial state).
+    pub restored_sequence: Option<Sequence>,
+    /// When that checkpoint was committed, in the store's clock.
+    pub checkpoint_at: Option<Timestamp>,
+    /// How old the checkpoint was when the node was lost (when that is unknown: when the
+    /// replacement was started), in milliseconds.
+    pub checkpoint_age_ms: Option<u64>,
+}
+
+impl FailoverReport {
+    /// The report of a failover to `epoch` at `at`, from the ownership `row` as the store
+    /// holds it once the replacement owns the processor (so its committed checkpoint is
+    /// exactly the one the replacement restores), the lost owner and, when known, its node
+    /// and when that node was lost.
+    pub fn new(
+        at: Timestamp,
+        epoch: Epoch,
+        lost_epoch: Option<Epoch>,
+        lost: Option<(NodeId, Option<Timestamp>)>,
+        row: Option<&Ownership>,
+    ) -> FailoverReport {
+        let (lost_node, lost_at) = match lost {
+            Some((node, at)) => (Some(node), at),
+            None => (None, None),
+        };
+        let checkpoint_at = row.and_then(|r| r.committed_at);
+        FailoverReport {
+            at,
+            epoch,
+            lost_epoch,
+            lost_node,
+            lost_at,
+            restored_sequence: row.and_then(|r| r.committed).map(|(_, s)| s),
+            checkpoint_at,
+            checkpoint_age_ms: checkpoint_at
+                .map(|c| lost_at.unwrap_or(at).since(c).as_millis() as u64),
+        }
+    }
+}
+
+impl fmt::Display for FailoverReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let when = if self.lost_at.is_some() {
+            "when the node was lost"
+        } else {
+            "at the failover"
+        };
+        match (self.restored_sequence, self.checkpoint_age_ms) {
+            (Some(seq), Some(age)) => write!(f, "restored checkpoint {seq}, {age} ms old {when}"),
+            (Some(seq), None) => write!(f, "restored checkpoint {seq}"),
+            (None, _) => f.write_str("no checkpoint: started from the initial state"),
+        }
+    }
 }
 
 /// Serde helper: a [`Duration`] as integer milliseconds.
@@ -841,6 +919,55 @@ mod tests {
         assert!(spec.fallback);
         let err = serde_json::from_str::<ProcessorSpec>(r#"{"id":"Bad_Id"}"#).unwrap_err();
         assert!(err.to_string().contains("field `id`"), "{err}");
+    }
+
+    #[test]
+    fn a_status_written_before_failover_reports_still_parses() {
+        let old = r#"{"processor":"p","phase":"running","node":"n1","site":"edge","epoch":3,
+            "last_checkpoint":9,"last_checkpoint_at":5,"last_move_at":null,
+            "last_move_pause_ms":null,"restarts":0,"recent_failures":[],"last_error":null,
+            "spec_revision":1,"updated_at":7}"#;
+        let status: ProcessorStatus = serde_json::from_str(old).unwrap();
+        assert_eq!(status.last_failover, None);
+        assert_eq!(status.epoch, Some(Epoch(3)));
+    }
+
+    #[test]
+    fn a_failover_report_measures_the_checkpoint_age_at_the_loss() {
+        let row = Ownership {
+            processor: ProcessorId::new("p").unwrap(),
+            owner: Some(Epoch(4)),
+            highest_epoch: Epoch(4),
+            lease_expires: None,
+            committed: Some((Epoch(3), Sequence(120))),
+            committed_at: Some(Timestamp(10_000)),
+        };
+        let lost = Some((NodeId::new("edge-1"), Some(Timestamp(10_400))));
+        let r = FailoverReport::new(
+            Timestamp(15_000),
+            Epoch(4),
+            Some(Epoch(3)),
+            lost,
+            Some(&row),
+        );
+        assert_eq!(r.restored_sequence, Some(Sequence(120)));
+        assert_eq!(r.checkpoint_age_ms, Some(400));
+        assert_eq!(
+            r.to_string(),
+            "restored checkpoint #120, 400 ms old when the node was lost"
+        );
+        // The node's loss time unknown: the age is measured at the failover.
+        let r = FailoverReport::new(
+            Timestamp(15_000),
+            Epoch(4),
+            Some(Epoch(3)),
+            None,
+            Some(&row),
+        );
+        assert_eq!(r.checkpoint_age_ms, Some(5_000));
+        let r = FailoverReport::new(Timestamp(15_000), Epoch(4), None, None, None);
+        assert_eq!(r.restored_sequence, None);
+        assert_eq!(r.checkpoint_age_ms, None);
     }
 
     #[test]

@@ -16,6 +16,14 @@ pub enum RuntimeError {
         /// What the operating system said.
         source: std::io::Error,
     },
+    /// The bound address could not be written to the instance's `DORY_ADDRESS_FILE`.
+    #[error("cannot write the bound address to {}: {source}", path.display())]
+    AddressFile {
+        /// The file named by `DORY_ADDRESS_FILE`.
+        path: std::path::PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
     /// The shutdown signal handler could not be installed.
     #[error("cannot install the {signal} handler: {source}")]
     Signal {

@@ -49,4 +49,4 @@ mod shared;
 
 pub use error::{RuntimeError, StepError};
 pub use processor::{Context, Processor};
-pub use runtime::{Exit, Runtime, Settings, sigterm};
+pub use runtime::{Exit, PRUNE_EVERY, Runtime, Settings, sigterm};

@@ -39,7 +39,14 @@ pub struct Settings {
     pub retry: Duration,
     /// The clock snapshot timestamps are taken from.
     pub clock: Arc<dyn Clock>,
+    /// How many of the newest snapshots the store keeps of this processor: older ones are
+    /// pruned every [`PRUNE_EVERY`] committed checkpoints. Default 5 (at least 1 is kept).
+    pub keep_snapshots: usize,
 }
+
+/// How many committed checkpoints pass between two prunes of old snapshots: one cheap delete
+/// now and then, instead of a second write with every checkpoint.
+pub const PRUNE_EVERY: u64 = 16;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -50,6 +57,7 @@ impl Default for Settings {
             body_limit: dory_control::wire::DEFAULT_BODY_LIMIT,
             retry: Duration::from_millis(200),
             clock: Arc::new(SystemClock),
+            keep_snapshots: 5,
         }
     }
 }
@@ -62,6 +70,7 @@ impl std::fmt::Debug for Settings {
             .field("limits", &self.limits)
             .field("body_limit", &self.body_limit)
             .field("retry", &self.retry)
+            .field("keep_snapshots", &self.keep_snapshots)
             .finish_non_exhaustive()
     }
 }
@@ -160,6 +169,18 @@ impl std::fmt::Display for Exit {
     }
 }
 
+/// Writes `address` to `path` atomically: a temporary file in the same directory, renamed
+/// over `path`, so a reader never sees a partial address.
+fn write_address_file(path: &std::path::Path, address: SocketAddr) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, address.to_string())?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 /// One processor instance: its run loop, heartbeat and endpoint server.
 ///
 /// Built from the [`InstanceEnv`] with the backends injected; [`Runtime::bind`] binds the
@@ -199,6 +220,14 @@ impl<P: Processor> Runtime<P> {
         let address = listener
             .local_addr()
             .map_err(|source| RuntimeError::Bind { address, source })?;
+        // Reported before the server answers anything, so a placement that started the
+        // instance on port 0 finds it as soon as it can be health-checked.
+        if let Some(path) = &env.address_file {
+            write_address_file(path, address).map_err(|source| RuntimeError::AddressFile {
+                path: path.clone(),
+                source,
+            })?;
+        }
         let shared = Arc::new(Shared::new(
             env.processor.clone(),
             env.epoch,
@@ -651,11 +680,30 @@ impl<P: Processor> RunLoop<P> {
                 shared.set_checkpoint_failing(false);
                 self.checkpointed = self.version;
                 self.last_checkpoint_ms = sent;
-                shared.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+                let committed = shared.metrics.checkpoints.fetch_add(1, Ordering::Relaxed) + 1;
                 shared
                     .metrics
                     .last_checkpoint_ms
                     .store(sent, Ordering::Relaxed);
+                if committed % PRUNE_EVERY == 1 {
+                    // Every checkpoint (and every move) stores a whole snapshot; without this
+                    // the store grows by one state's size per checkpoint forever. Off the step
+                    // path: a failed prune only leaves old snapshots for the next one.
+                    let store = self.store.clone();
+                    let processor = shared.processor.clone();
+                    let keep = self.settings.keep_snapshots.max(1);
+                    tokio::spawn(async move {
+                        match store.prune(&processor, keep).await {
+                            Ok(0) => {}
+                            Ok(n) => {
+                                tracing::debug!(target: "dory::runtime", pruned = n, "old snapshots pruned")
+                            }
+                            Err(e) => {
+                                tracing::warn!(target: "dory::runtime", "cannot prune old snapshots: {e}")
+                            }
+                        }
+                    });
+                }
                 tracing::debug!(target: "dory::runtime", sequence = self.checkpointed.0, "checkpoint committed");
                 if let (Some(input), Some(mark)) = (&self.ctx.input, mark)
                     && let Err(e) = input.release(mark).await

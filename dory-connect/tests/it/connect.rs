@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dory_connect::{Backends, BackendsConfig, ConnectError};
+use dory_connect::{Backends, BackendsConfig, ConnectError, PublisherConfig};
 use dory_core::testing::unique_name;
 use dory_core::{Epoch, InstanceEnv, LaunchMode, OutputMessage, ProcessorId, Sequence};
 use dory_pg::testing::TestSchema;
@@ -76,6 +76,7 @@ fn env(store_url: &str, publisher_url: &str, input_url: Option<String>) -> Insta
         lease: Duration::from_secs(15),
         checkpoint_interval: Duration::from_secs(1),
         config: serde_json::Value::Null,
+        address_file: None,
     }
 }
 
@@ -104,7 +105,8 @@ async fn connects_store_publisher_and_input_from_the_environment() {
     let env = env(&store_url, &publisher_url, Some(input_url));
     let backends = Backends::connect(&env).await.expect("connect all three");
 
-    assert_eq!(backends.publisher.config().exchange, "");
+    let amqp = backends.publisher.amqp().expect("the RabbitMQ publisher");
+    assert_eq!(amqp.config().exchange, "");
     let input = backends.input.clone().expect("an input");
     assert_eq!(input.config().prefetch, 10);
     assert_eq!(input.config().checkpoint_interval, Duration::from_secs(1));
@@ -175,10 +177,14 @@ async fn an_unreachable_backend_names_its_variable() {
         ..env
     };
     let mut config = BackendsConfig::from_env(&env).expect("valid variables");
-    config.publisher = config
-        .publisher
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_reconnect(0, Duration::from_millis(10), Duration::from_millis(10));
+    let PublisherConfig::Amqp(publisher) = config.publisher else {
+        panic!("an amqp:// URL is the RabbitMQ publisher");
+    };
+    config.publisher = PublisherConfig::Amqp(
+        publisher
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_reconnect(0, Duration::from_millis(10), Duration::from_millis(10)),
+    );
     let e = config.connect().await.expect_err("no broker there");
     assert!(
         matches!(
@@ -222,4 +228,66 @@ async fn an_unreachable_backend_names_its_variable() {
     );
     assert!(e.to_string().contains("no-such-queue"), "{e}");
     broker.clean_up().await;
+}
+
+/// The no-install defaults: the embedded SQLite store and the file publisher, no server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_the_embedded_store_and_the_file_publisher() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let db = dir.path().join("state dir").join("dory.db");
+    std::fs::create_dir_all(db.parent().expect("parent")).expect("state dir");
+    let out = dir.path().join("output");
+    // A space in the path, percent-encoded as a URL has it.
+    let store_url = format!("sqlite://{}", db.display()).replace(' ', "%20");
+    let publisher_url = format!("file://{}", out.display());
+    let env = env(&store_url, &publisher_url, None);
+    let backends = Backends::connect(&env).await.expect("connect local files");
+    assert!(backends.publisher.file().is_some(), "{backends:?}");
+    assert!(db.exists(), "the database file is created");
+    assert_eq!(
+        backends
+            .store
+            .ownership(&env.processor)
+            .await
+            .expect("the store answers"),
+        None
+    );
+    let message = OutputMessage {
+        processor: env.processor.clone(),
+        epoch: Epoch(1),
+        sequence: Sequence(1),
+        routing_key: None,
+        payload: b"hello".to_vec(),
+    };
+    backends
+        .dyn_publisher()
+        .publish(message.clone())
+        .await
+        .expect("publish");
+    backends.close().await.expect("close");
+    let log = dory_embedded::read_output(&out, &env.processor).expect("read the output");
+    assert_eq!(log.messages, vec![message]);
+
+    // A database whose directory is missing names the variable and the path.
+    let missing = dir.path().join("nowhere").join("dory.db");
+    let env = InstanceEnv {
+        store_url: format!("sqlite://{}", missing.display()),
+        ..env
+    };
+    let e = Backends::connect(&env)
+        .await
+        .expect_err("no such directory");
+    assert!(
+        matches!(
+            e,
+            ConnectError::Local {
+                var: "DORY_STORE_URL",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("nowhere"), "{e}");
+    let core = dory_core::Error::from(e);
+    assert!(core.to_string().contains("DORY_STORE_URL"), "{core}");
 }

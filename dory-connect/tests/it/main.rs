@@ -1,5 +1,6 @@
-//! Integration tests of `dory-connect` against the real Postgres and RabbitMQ, gathered into
-//! one binary (one link on a small machine).
+//! Integration tests of `dory-connect` against the real Postgres and RabbitMQ (and the
+//! embedded backends on temporary files), gathered into one binary (one link on a small
+//! machine).
 //!
 //! The database is `DORY_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`), the broker `DORY_TEST_AMQP_URL` (default

@@ -237,6 +237,9 @@ pub enum EventKind {
         node: NodeId,
         /// Why (new, restart, failover).
         reason: crate::planner::StartReason,
+        /// For a failover: the checkpoint restored and how old it was when the node was lost.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failover: Option<crate::model::FailoverReport>,
     },
     /// A move committed and finished.
     Moved {
@@ -298,7 +301,14 @@ impl fmt::Display for Event {
                 epoch,
                 node,
                 reason,
-            } => write!(f, "started {epoch} on {node} ({reason:?})"),
+                failover,
+            } => {
+                write!(f, "started {epoch} on {node} ({reason:?})")?;
+                match failover {
+                    Some(report) => write!(f, ": {report}"),
+                    None => Ok(()),
+                }
+            }
             EventKind::Moved {
                 from,
                 to,
@@ -338,6 +348,8 @@ pub struct View {
     pub plan: Plan,
     /// The status of every processor, by id.
     pub status: BTreeMap<String, ProcessorStatus>,
+    /// How long the round took: observe, plan, start operations, write status.
+    pub reconcile: Duration,
 }
 
 /// A handle on a running (or not yet running) orchestrator: its latest view and its events.

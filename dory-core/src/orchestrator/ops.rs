@@ -13,8 +13,8 @@ use tracing::Instrument;
 use super::{EventKind, Inner, PlantedFault};
 use crate::error::{Error, Result};
 use crate::model::{
-    Epoch, Instance, InterruptionReason, LaunchMode, LaunchRequest, NodeId, Phase, ProcessorId,
-    ProcessorSpec, StoredSnapshot, Term,
+    Epoch, FailoverReport, Instance, InterruptionReason, LaunchMode, LaunchRequest, NodeId,
+    Ownership, Phase, ProcessorId, ProcessorSpec, StoredSnapshot, Term, Timestamp,
 };
 use crate::planner::{Action, StartReason};
 
@@ -23,8 +23,11 @@ use crate::planner::{Action, StartReason};
 pub(super) enum Outcome {
     /// Nothing to record.
     Done,
-    /// An instance was started.
-    Started { reason: StartReason },
+    /// An instance was started; for a failover, what it restored.
+    Started {
+        reason: StartReason,
+        failover: Option<Box<FailoverReport>>,
+    },
     /// A move (or evacuation) committed; the pause the processor saw.
     Moved { pause_ms: u64 },
     /// The crash-loop breaker tripped on this spec revision.
@@ -43,6 +46,11 @@ pub(super) struct Op {
     pub(super) spec: Option<ProcessorSpec>,
     /// The processor's instances as observed when the action was planned.
     pub(super) instances: Vec<Instance>,
+    /// The processor's ownership row as observed when the action was planned.
+    pub(super) row: Option<Ownership>,
+    /// For a failover: the node the owner was lost with and since when it has not been
+    /// ready, as observed when the action was planned.
+    pub(super) lost: Option<(NodeId, Option<Timestamp>)>,
 }
 
 impl Op {
@@ -329,6 +337,12 @@ impl Op {
             store.assign_owner(processor, expected_owner, epoch, lease, self.term),
         )
         .await?;
+        let failover = match reason {
+            StartReason::Failover => Some(Box::new(
+                self.failover_report(processor, epoch, expected_owner).await,
+            )),
+            StartReason::New | StartReason::Restart => None,
+        };
         self.launch(processor, epoch, node, LaunchMode::Restore)
             .await?;
         self.inner.emit(
@@ -337,9 +351,39 @@ impl Op {
                 epoch,
                 node: node.clone(),
                 reason: reason.clone(),
+                failover: failover.as_deref().cloned(),
             },
         );
-        Ok(Outcome::Started { reason })
+        Ok(Outcome::Started { reason, failover })
+    }
+
+    /// What a failover to `epoch` restores and may have lost. Read once `epoch` owns the
+    /// processor, the row's committed checkpoint is exactly the one the replacement restores
+    /// (the lost owner may have committed one more since the round looked, until the store
+    /// handed ownership on); if the row cannot be read, the round's observation stands in.
+    async fn failover_report(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        lost_epoch: Option<Epoch>,
+    ) -> FailoverReport {
+        let read = self
+            .call(
+                "read ownership",
+                self.inner.backends.store.ownership(processor),
+            )
+            .await;
+        let row = match read {
+            Ok(Some(row)) => Some(row),
+            Ok(None) | Err(_) => self.row.clone(),
+        };
+        FailoverReport::new(
+            self.inner.backends.clock.now(),
+            epoch,
+            lost_epoch,
+            self.lost.clone(),
+            row.as_ref(),
+        )
     }
 
     /// Freeze, commit the final snapshot to a new epoch, terminate, restore elsewhere: for a

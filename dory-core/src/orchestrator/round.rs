@@ -81,7 +81,8 @@ struct Leader {
     retry: BTreeMap<ProcessorId, (u32, Timestamp, String)>,
     history: BTreeMap<ProcessorId, RestartHistory>,
     counted_failures: BTreeSet<(ProcessorId, Epoch)>,
-    moves: BTreeMap<ProcessorId, (Timestamp, u64)>,
+    /// The last move and failover of each processor, for the status.
+    last: super::status::Last,
     written: BTreeMap<String, ProcessorStatus>,
     /// Set until the first round has run: crashes seen then were counted by a former leader.
     first_round: bool,
@@ -99,7 +100,7 @@ impl Leader {
             retry: BTreeMap::new(),
             history: BTreeMap::new(),
             counted_failures: BTreeSet::new(),
-            moves: BTreeMap::new(),
+            last: super::status::Last::default(),
             written: BTreeMap::new(),
         };
         leader.restore_history().await;
@@ -136,7 +137,10 @@ impl Leader {
                 },
             );
             if let (Some(at), Some(pause)) = (status.last_move_at, status.last_move_pause_ms) {
-                self.moves.insert(id, (at, pause));
+                self.last.moves.insert(id.clone(), (at, pause));
+            }
+            if let Some(report) = &status.last_failover {
+                self.last.failovers.insert(id, report.clone());
             }
             self.written.insert(status.processor.clone(), status);
         }
@@ -226,9 +230,16 @@ impl Leader {
                 match outcome {
                     Outcome::Started {
                         reason: StartReason::Restart,
+                        ..
                     } => history.restarts += 1,
+                    Outcome::Started {
+                        failover: Some(report),
+                        ..
+                    } => {
+                        self.last.failovers.insert(processor, *report);
+                    }
                     Outcome::Moved { pause_ms } => {
-                        self.moves.insert(processor, (now, pause_ms));
+                        self.last.moves.insert(processor, (now, pause_ms));
                     }
                     Outcome::MarkedFailed { reason, revision } => {
                         history.failed = Some(reason);
@@ -264,6 +275,15 @@ impl Leader {
     /// Observes, plans, starts operations and writes status. Returns when it wants to run
     /// again at the latest.
     async fn round(&mut self) -> Option<Timestamp> {
+        // Take in every operation that has finished first. The loop joins one operation per
+        // wake-up, so one that finished while the last round ran (or beside another) would
+        // otherwise be taken in only after this round, whose status would then show its new
+        // instance without the move or failover that made it.
+        while let Some(done) = self.ops.try_join_next_with_id() {
+            self.finished(done);
+        }
+        // tokio's clock, so the simulator's paused time measures it deterministically.
+        let started = tokio::time::Instant::now();
         let b = &self.inner.backends;
         let observed = bounded(self.inner.settings.call_timeout, "observe", async {
             let desired = b
@@ -351,6 +371,12 @@ impl Leader {
                     .filter(|i| i.processor == processor)
                     .cloned()
                     .collect(),
+                row: observed
+                    .ownership
+                    .iter()
+                    .find(|o| o.processor == processor)
+                    .cloned(),
+                lost: lost_with(action, &observed),
             };
             let is_move = action.is_move();
             self.busy.insert(processor.clone(), is_move);
@@ -368,6 +394,7 @@ impl Leader {
             observed,
             plan,
             status,
+            reconcile: started.elapsed(),
         }));
         wake
     }
@@ -437,7 +464,7 @@ impl Leader {
             observed,
             plan,
             &self.history,
-            &self.moves,
+            &self.last,
             &self.retry,
             now,
         );
@@ -476,6 +503,33 @@ impl Leader {
         }
         statuses
     }
+}
+
+/// For a failover: the node its lost owner ran on and, if that node is not ready, since when.
+fn lost_with(
+    action: &planner::Action,
+    observed: &Observed,
+) -> Option<(crate::model::NodeId, Option<Timestamp>)> {
+    let planner::Action::Start {
+        processor,
+        expected_owner: Some(owner),
+        reason: StartReason::Failover,
+        ..
+    } = action
+    else {
+        return None;
+    };
+    let instance = observed
+        .instances
+        .iter()
+        .find(|i| &i.processor == processor && i.epoch == *owner)?;
+    let down_since = observed
+        .nodes
+        .iter()
+        .find(|n| n.id == instance.node)
+        .filter(|n| !n.ready)
+        .map(|n| n.ready_since);
+    Some((instance.node.clone(), down_since))
 }
 
 /// Runs a call of the leader's own (observation, leadership, status) with a timeout, so one

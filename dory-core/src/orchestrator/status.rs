@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::model::{DesiredState, Instance, NodeId, ProcessorId, ProcessorStatus, Timestamp};
+use crate::model::{
+    DesiredState, FailoverReport, Instance, NodeId, ProcessorId, ProcessorStatus, Timestamp,
+};
 use crate::planner::{Observed, Plan, RestartHistory};
 
 /// A deterministic jitter in `[0, max)` from a hash of (processor, attempt): spreads retries
@@ -16,6 +18,16 @@ pub(super) fn jitter(processor: &ProcessorId, attempt: u32, max: Duration) -> Du
     let mut key = processor.as_str().as_bytes().to_vec();
     key.extend_from_slice(&attempt.to_le_bytes());
     Duration::from_millis(xxhash_rust::xxh3::xxh3_64(&key) % max_ms)
+}
+
+/// The last move and the last failover of each processor, as the status reports them (a new
+/// leader reads them back from the status its predecessor wrote).
+#[derive(Debug, Default)]
+pub(super) struct Last {
+    /// When the last move finished and the pause it cost.
+    pub(super) moves: BTreeMap<ProcessorId, (Timestamp, u64)>,
+    /// The last failover.
+    pub(super) failovers: BTreeMap<ProcessorId, FailoverReport>,
 }
 
 /// Whether two statuses differ in anything but the time they were written.
@@ -36,6 +48,7 @@ pub(super) fn same(a: &ProcessorStatus, b: &ProcessorStatus) -> bool {
         last_error,
         spec_revision,
         updated_at: _,
+        last_failover,
     } = a;
     *processor == b.processor
         && *phase == b.phase
@@ -50,6 +63,7 @@ pub(super) fn same(a: &ProcessorStatus, b: &ProcessorStatus) -> bool {
         && *recent_failures == b.recent_failures
         && *last_error == b.last_error
         && *spec_revision == b.spec_revision
+        && *last_failover == b.last_failover
 }
 
 /// Builds the status of every desired, invalid or still-present processor.
@@ -58,7 +72,7 @@ pub(super) fn build(
     observed: &Observed,
     plan: &Plan,
     history: &BTreeMap<ProcessorId, RestartHistory>,
-    moves: &BTreeMap<ProcessorId, (Timestamp, u64)>,
+    last: &Last,
     retry: &BTreeMap<ProcessorId, (u32, Timestamp, String)>,
     now: Timestamp,
 ) -> BTreeMap<String, ProcessorStatus> {
@@ -94,7 +108,7 @@ pub(super) fn build(
             .clone()
             .or_else(|| retry.get(id).map(|(_, _, e)| e.clone()))
             .or_else(|| plan.waiting.get(id).cloned());
-        let (last_move_at, last_move_pause_ms) = match moves.get(id) {
+        let (last_move_at, last_move_pause_ms) = match last.moves.get(id) {
             Some((at, pause)) => (Some(*at), Some(*pause)),
             None => (None, None),
         };
@@ -115,6 +129,7 @@ pub(super) fn build(
                 last_error,
                 spec_revision: Some(spec.revision()),
                 updated_at: now,
+                last_failover: last.failovers.get(id).cloned(),
             },
         );
     }

@@ -2,7 +2,7 @@
 
 use super::unique_name;
 use crate::backend::StatusSink;
-use crate::model::{Epoch, NodeId, ProcessorStatus, Sequence, Site, Timestamp};
+use crate::model::{Epoch, FailoverReport, NodeId, ProcessorStatus, Sequence, Site, Timestamp};
 
 /// Runs the status checks against `sink`:
 ///
@@ -38,6 +38,16 @@ pub async fn status_sink_suite(sink: &dyn StatusSink) {
         last_error: Some("instance e6 failed: exited(1)".into()),
         spec_revision: Some(0x1234_5678_9abc_def0),
         updated_at: Timestamp(1_700_000_000_200),
+        last_failover: Some(FailoverReport {
+            at: Timestamp(1_699_999_999_500),
+            epoch: Epoch(7),
+            lost_epoch: Some(Epoch(5)),
+            lost_node: Some(NodeId::new("node-0")),
+            lost_at: Some(Timestamp(1_699_999_990_000)),
+            restored_sequence: Some(Sequence(40)),
+            checkpoint_at: Some(Timestamp(1_699_999_989_700)),
+            checkpoint_age_ms: Some(300),
+        }),
     };
     let bare = |id: &str| ProcessorStatus {
         processor: id.to_string(),

@@ -35,6 +35,7 @@
 //! ```
 
 mod check;
+pub mod cli;
 mod cluster;
 mod rng;
 

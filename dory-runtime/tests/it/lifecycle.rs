@@ -236,3 +236,28 @@ async fn state_without_output_is_checkpointed() {
     };
     assert!(again > saved, "{again:?} continues {saved:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_snapshots_are_pruned() {
+    let world = World::new("pruned").await;
+    let epoch = world.claim(true).await;
+    let running = world.start(epoch, LaunchMode::Restore).await;
+    let keep = dory_runtime::Settings::default().keep_snapshots;
+    // The first committed checkpoint prunes, then every PRUNE_EVERY-th: by the one after
+    // that, the store must have been cut back to `keep` at least once since it grew past it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut grew = false;
+    loop {
+        let stored = world.store.history(&world.processor).await.unwrap().len();
+        grew |= stored > keep;
+        if grew && stored <= keep {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never pruned back to {keep} snapshots (now {stored}, grew past it: {grew})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(running.shutdown().await, Exit::Saved { .. }));
+}

@@ -118,6 +118,7 @@ impl World {
             lease: LEASE,
             checkpoint_interval: INTERVAL,
             config: serde_json::Value::Null,
+            address_file: None,
         }
     }
 

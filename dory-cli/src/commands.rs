@@ -1,0 +1,615 @@
+//! The operator commands. They work directly against the backends `dory.toml` names, so they
+//! answer whether or not an orchestrator is running; what needs the orchestrator to act
+//! (drain, move) is recorded as an intent in the desired state, and the command follows the
+//! orchestrator's progress through the placement and the status it writes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use dory_core::{
+    Epoch, Instance, Intent, NodeId, Placement as _, ProcessorId, ProcessorStatus, Sequence,
+    Timestamp,
+};
+
+use crate::backends;
+use crate::config::{ConfigError, Loaded};
+use crate::duration::format_duration;
+use crate::table;
+
+/// How a listing is printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Output {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+/// A failed operation (exit code 1), as opposed to a usage error or an unreachable backend.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct OperationFailed(pub(crate) String);
+
+fn now() -> Timestamp {
+    Timestamp(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    )
+}
+
+fn age(at: Option<Timestamp>) -> String {
+    at.map_or_else(
+        || "-".into(),
+        |t| format_duration(Duration::from_secs(now().since(t).as_secs())),
+    )
+}
+
+fn dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `dory status`.
+pub(crate) async fn status(loaded: &Loaded, output: Output) -> Result<()> {
+    let store = backends::store(loaded).await?;
+    let statuses = store.status.read().await.context("read status")?;
+    if output == Output::Json {
+        return json(&statuses);
+    }
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| {
+            vec![
+                s.processor.clone(),
+                s.phase.clone(),
+                dash(s.node.as_ref()),
+                dash(s.site),
+                dash(s.epoch),
+                dash(s.last_checkpoint),
+                age(s.last_checkpoint_at),
+                s.last_move_pause_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
+                s.last_failover
+                    .as_ref()
+                    .map_or_else(|| "-".into(), failover_cell),
+                s.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                "PROCESSOR",
+                "PHASE",
+                "NODE",
+                "SITE",
+                "EPOCH",
+                "CHECKPOINT",
+                "CHECKPOINT AGE",
+                "LAST MOVE PAUSE",
+                "LAST FAILOVER",
+                "LAST ERROR",
+            ],
+            &rows
+        )
+    );
+    if statuses.is_empty() {
+        println!("(no status yet: is an orchestrator running with this config?)");
+    }
+    Ok(())
+}
+
+/// The last failover in `dory status`: when, the checkpoint restored and how old it was when
+/// the node was lost (what the failover lost).
+fn failover_cell(report: &dory_core::FailoverReport) -> String {
+    let when = format!("{} ago", age(Some(report.at)));
+    match (report.restored_sequence, report.checkpoint_age_ms) {
+        (Some(seq), Some(ms)) => format!("{when}: restored {seq}, checkpoint {ms} ms old"),
+        (Some(seq), None) => format!("{when}: restored {seq}"),
+        (None, _) => format!("{when}: no checkpoint"),
+    }
+}
+
+/// One node in `dory nodes`.
+#[derive(serde::Serialize)]
+struct NodeRow {
+    node: dory_core::Node,
+    cordoned: bool,
+    instances: Vec<String>,
+}
+
+/// `dory nodes`.
+pub(crate) async fn nodes(loaded: &Loaded, output: Output, supervisor: Vec<String>) -> Result<()> {
+    let placement = backends::placement(loaded, supervisor)?;
+    let store = backends::store(loaded).await?;
+    let source = backends::config_source(loaded, &store).await?;
+    let cordoned = source
+        .desired()
+        .await
+        .map(|d| d.cordoned)
+        .unwrap_or_default();
+    let nodes = placement.nodes().await?;
+    let instances = placement.instances().await?;
+    let rows: Vec<NodeRow> = nodes
+        .into_iter()
+        .map(|node| NodeRow {
+            cordoned: cordoned.contains(&node.id),
+            instances: instances
+                .iter()
+                .filter(|i| i.node == node.id && i.phase.is_alive())
+                .map(|i| format!("{}@{}", i.processor, i.epoch.0))
+                .collect(),
+            node,
+        })
+        .collect();
+    if output == Output::Json {
+        return json(&rows);
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let n = &r.node;
+            vec![
+                n.id.to_string(),
+                n.site.to_string(),
+                if n.ready { "ready" } else { "not ready" }.into(),
+                if r.cordoned || !n.schedulable {
+                    "cordoned"
+                } else {
+                    "schedulable"
+                }
+                .into(),
+                format!("{}m / {} MiB", n.capacity.cpu_millis, n.capacity.memory_mib),
+                n.interruption.as_ref().map_or_else(
+                    || "-".into(),
+                    |i| match i.deadline {
+                        Some(d) => format!(
+                            "{:?} in {}",
+                            i.reason,
+                            format_duration(Duration::from_secs(d.since(now()).as_secs()))
+                        ),
+                        None => format!("{:?}", i.reason),
+                    },
+                ),
+                if r.instances.is_empty() {
+                    "-".into()
+                } else {
+                    r.instances.join(" ")
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                "NODE",
+                "SITE",
+                "READY",
+                "SCHEDULING",
+                "CAPACITY",
+                "INTERRUPTION",
+                "INSTANCES"
+            ],
+            &cells
+        )
+    );
+    Ok(())
+}
+
+/// The owning (highest alive) instance of each processor on `node`.
+fn on_node(instances: &[Instance], node: &NodeId) -> BTreeMap<ProcessorId, Epoch> {
+    let mut out = BTreeMap::new();
+    for i in instances {
+        if &i.node == node && i.phase.is_alive() {
+            out.insert(i.processor.clone(), i.epoch);
+        }
+    }
+    out
+}
+
+/// `dory drain NODE`: cordons the node and follows each processor's move until the node is
+/// empty or the deadline passes.
+pub(crate) async fn drain(
+    loaded: &Loaded,
+    node: &NodeId,
+    deadline: Duration,
+    wait: bool,
+    supervisor: Vec<String>,
+) -> Result<()> {
+    let placement = backends::placement(loaded, supervisor)?;
+    if !placement.nodes().await?.iter().any(|n| &n.id == node) {
+        bail!(OperationFailed(format!(
+            "there is no node {node} (see `dory nodes`)"
+        )));
+    }
+    let store = backends::store(loaded).await?;
+    let source = backends::config_source(loaded, &store).await?;
+    source
+        .record_intent(&Intent::Cordon { node: node.clone() })
+        .await
+        .context("record the cordon")?;
+    let start = on_node(&placement.instances().await?, node);
+    println!(
+        "cordoned {node}; {} processor(s) to move: {}",
+        start.len(),
+        start
+            .keys()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !wait {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut announced: BTreeSet<(ProcessorId, Epoch)> = BTreeSet::new();
+    let mut done: BTreeSet<ProcessorId> = BTreeSet::new();
+    loop {
+        let instances = placement.instances().await?;
+        let left = on_node(&instances, node);
+        let statuses: BTreeMap<String, ProcessorStatus> = store
+            .status
+            .read()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (s.processor.clone(), s))
+            .collect();
+        for processor in start.keys() {
+            for i in instances
+                .iter()
+                .filter(|i| &i.processor == processor && &i.node != node && i.phase.is_alive())
+            {
+                if announced.insert((processor.clone(), i.epoch)) && !done.contains(processor) {
+                    println!(
+                        "  {processor}: replacement {} starting on {} ({})",
+                        i.epoch, i.node, i.phase
+                    );
+                }
+            }
+            if !left.contains_key(processor) && done.insert(processor.clone()) {
+                let s = statuses.get(processor.as_str());
+                println!(
+                    "  {processor}: moved to {} as {}, pause {} [{}/{} done]",
+                    dash(s.and_then(|s| s.node.as_ref())),
+                    dash(s.and_then(|s| s.epoch)),
+                    s.and_then(|s| s.last_move_pause_ms)
+                        .map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
+                    done.len(),
+                    start.len()
+                );
+            }
+        }
+        if left.is_empty() {
+            println!(
+                "{node} is empty ({} moved in {:.1}s)",
+                done.len(),
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if started.elapsed() >= deadline {
+            bail!(OperationFailed(format!(
+                "the deadline ({}) passed with {} processor(s) still on {node}: {}",
+                format_duration(deadline),
+                left.len(),
+                left.keys()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `dory uncordon NODE`.
+pub(crate) async fn uncordon(loaded: &Loaded, node: &NodeId) -> Result<()> {
+    let store = backends::store(loaded).await?;
+    let source = backends::config_source(loaded, &store).await?;
+    source
+        .record_intent(&Intent::Uncordon { node: node.clone() })
+        .await
+        .context("record the uncordon")?;
+    println!("uncordoned {node}");
+    Ok(())
+}
+
+/// `dory move PROCESSOR --to NODE`: pins the processor and follows the move.
+pub(crate) async fn pin(
+    loaded: &Loaded,
+    processor: &ProcessorId,
+    to: Option<&NodeId>,
+    deadline: Duration,
+    wait: bool,
+    supervisor: Vec<String>,
+) -> Result<()> {
+    let placement = backends::placement(loaded, supervisor)?;
+    if let Some(to) = to
+        && !placement.nodes().await?.iter().any(|n| &n.id == to)
+    {
+        bail!(OperationFailed(format!(
+            "there is no node {to} (see `dory nodes`)"
+        )));
+    }
+    let store = backends::store(loaded).await?;
+    let source = backends::config_source(loaded, &store).await?;
+    source
+        .record_intent(&Intent::Pin {
+            processor: processor.clone(),
+            node: to.cloned(),
+        })
+        .await
+        .context("record the pin")?;
+    let Some(to) = to else {
+        println!("unpinned {processor}");
+        return Ok(());
+    };
+    println!("pinned {processor} to {to}");
+    if !wait {
+        return Ok(());
+    }
+    let started = Instant::now();
+    loop {
+        let instances = placement.instances().await?;
+        let alive: Vec<&Instance> = instances
+            .iter()
+            .filter(|i| &i.processor == processor && i.phase.is_alive())
+            .collect();
+        if alive.len() == 1 && &alive[0].node == to {
+            let status = store.status.read().await.unwrap_or_default();
+            let pause = status
+                .iter()
+                .find(|s| s.processor == processor.as_str())
+                .and_then(|s| s.last_move_pause_ms);
+            println!(
+                "{processor} runs on {to} as {} (last move pause {})",
+                alive[0].epoch,
+                pause.map_or_else(|| "-".into(), |ms| format!("{ms} ms"))
+            );
+            return Ok(());
+        }
+        if started.elapsed() >= deadline {
+            bail!(OperationFailed(format!(
+                "the deadline ({}) passed before {processor} ran on {to}; the pin stays and the orchestrator keeps trying",
+                format_duration(deadline)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One row of `dory snapshots`.
+#[derive(serde::Serialize)]
+struct SnapshotRow {
+    epoch: u64,
+    sequence: u64,
+    size: u64,
+    created_at: u64,
+    committed: bool,
+}
+
+/// `dory snapshots PROCESSOR list`.
+pub(crate) async fn snapshots_list(
+    loaded: &Loaded,
+    processor: &ProcessorId,
+    output: Output,
+) -> Result<()> {
+    let store = backends::store(loaded).await?;
+    let history = store.store.history(processor).await?;
+    let committed = store
+        .store
+        .ownership(processor)
+        .await?
+        .and_then(|o| o.committed);
+    let rows: Vec<SnapshotRow> = history
+        .iter()
+        .map(|m| SnapshotRow {
+            epoch: m.epoch.0,
+            sequence: m.sequence.0,
+            size: m.size,
+            created_at: m.created_at.0,
+            committed: committed == Some((m.epoch, m.sequence)),
+        })
+        .collect();
+    if output == Output::Json {
+        return json(&rows);
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.epoch.to_string(),
+                r.sequence.to_string(),
+                r.size.to_string(),
+                age(Some(Timestamp(r.created_at))),
+                if r.committed { "latest" } else { "" }.into(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(&["EPOCH", "SEQUENCE", "BYTES", "AGE", ""], &cells)
+    );
+    Ok(())
+}
+
+async fn one_snapshot(
+    loaded: &Loaded,
+    processor: &ProcessorId,
+    at: Option<(Epoch, Sequence)>,
+) -> Result<dory_core::StoredSnapshot> {
+    let store = backends::store(loaded).await?;
+    let found = match at {
+        Some((e, s)) => store.store.get(processor, e, s).await?,
+        None => store.store.latest(processor).await?,
+    };
+    found.ok_or_else(|| {
+        OperationFailed(match at {
+            Some((e, s)) => format!("{processor} has no snapshot at {e}, sequence {s}"),
+            None => format!("{processor} has no snapshot"),
+        })
+        .into()
+    })
+}
+
+/// `dory snapshots PROCESSOR inspect`.
+pub(crate) async fn snapshots_inspect(
+    loaded: &Loaded,
+    processor: &ProcessorId,
+    at: Option<(Epoch, Sequence)>,
+    output: Output,
+) -> Result<()> {
+    let snapshot = one_snapshot(loaded, processor, at).await?;
+    let header = dory_core::snapshot::verify(&snapshot.bytes)?;
+    let fields = serde_json::json!({
+        "processor": header.processor.as_str(),
+        "filed_under_epoch": snapshot.meta.epoch.0,
+        "taken_by_epoch": header.epoch.0,
+        "sequence": header.sequence.0,
+        "format_version": header.format_version,
+        "kind": format!("{:?}", header.kind),
+        "codec": format!("{:?}", header.codec),
+        "raw_bytes": header.raw_len,
+        "compressed_bytes": header.compressed_len,
+        "checksum": format!("{:016x}", header.checksum),
+        "created_at_ms": snapshot.meta.created_at.0,
+    });
+    if output == Output::Json {
+        return json(&fields);
+    }
+    if let serde_json::Value::Object(map) = fields {
+        for (k, v) in map {
+            println!(
+                "{k:<18} {}",
+                v.as_str().map_or_else(|| v.to_string(), str::to_string)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `dory snapshots PROCESSOR export --to FILE`.
+pub(crate) async fn snapshots_export(
+    loaded: &Loaded,
+    processor: &ProcessorId,
+    at: Option<(Epoch, Sequence)>,
+    file: &Path,
+) -> Result<()> {
+    let snapshot = one_snapshot(loaded, processor, at).await?;
+    dory_core::snapshot::verify(&snapshot.bytes)?;
+    std::fs::write(file, &snapshot.bytes).with_context(|| format!("write {}", file.display()))?;
+    println!(
+        "wrote {processor} at {}, sequence {} ({} bytes) to {}",
+        snapshot.meta.epoch,
+        snapshot.meta.sequence,
+        snapshot.bytes.len(),
+        file.display()
+    );
+    Ok(())
+}
+
+/// `dory validate CONFIG`: the file, then every processor in it.
+pub(crate) async fn validate(path: &Path) -> Result<()> {
+    let loaded = Loaded::read(path)?;
+    let processors = loaded.processors_file();
+    let text = std::fs::read_to_string(&processors)
+        .with_context(|| format!("read {}", processors.display()))?;
+    let desired = dory_embedded::parse_processors(&processors, &text).map_err(|e| ConfigError {
+        path: processors.clone(),
+        message: e.to_string(),
+    })?;
+    println!(
+        "{}: {} node(s), {} processor(s) valid",
+        loaded.path.display(),
+        loaded.config.placement.nodes.len(),
+        desired.processors.len()
+    );
+    for entry in &desired.invalid {
+        println!("  invalid: {}", entry.error);
+    }
+    if desired.invalid.is_empty() {
+        Ok(())
+    } else {
+        bail!(OperationFailed(format!(
+            "{} invalid processor(s)",
+            desired.invalid.len()
+        )))
+    }
+}
+
+/// `dory output PROCESSOR`: the file publisher's output, after the deduplication rule
+/// (by sequence; the higher epoch wins), with gaps reported.
+pub(crate) fn output(
+    loaded: &Loaded,
+    processor: &ProcessorId,
+    check: bool,
+    tail: usize,
+) -> Result<()> {
+    let log = dory_embedded::read_output(&loaded.output_dir(), processor)
+        .with_context(|| format!("read the output of {processor}"))?;
+    let mut by_sequence: BTreeMap<u64, (u64, String)> = BTreeMap::new();
+    let mut copies = 0usize;
+    for m in &log.messages {
+        let payload = String::from_utf8_lossy(&m.payload).into_owned();
+        match by_sequence.get(&m.sequence.0) {
+            Some((epoch, _)) if *epoch >= m.epoch.0 => copies += 1,
+            Some(_) => {
+                copies += 1;
+                by_sequence.insert(m.sequence.0, (m.epoch.0, payload));
+            }
+            None => {
+                by_sequence.insert(m.sequence.0, (m.epoch.0, payload));
+            }
+        }
+    }
+    let skip = by_sequence.len().saturating_sub(tail);
+    for (seq, (epoch, payload)) in by_sequence.iter().skip(skip) {
+        println!("{seq:>8}  epoch {epoch:<4} {payload}");
+    }
+    for damaged in &log.damaged {
+        println!(
+            "  line {} skipped{}: {}",
+            damaged.line,
+            if damaged.torn {
+                " (torn by a crash)"
+            } else {
+                ""
+            },
+            damaged.reason
+        );
+    }
+    let first = by_sequence.keys().next().copied().unwrap_or(0);
+    let last = by_sequence.keys().last().copied().unwrap_or(0);
+    let gaps: Vec<u64> = if by_sequence.is_empty() {
+        Vec::new()
+    } else {
+        (1..=last)
+            .filter(|s| !by_sequence.contains_key(s))
+            .collect()
+    };
+    let epochs: BTreeSet<u64> = by_sequence.values().map(|(e, _)| *e).collect();
+    println!(
+        "{processor}: {} message(s), sequences {first}..={last}, epochs {epochs:?}, {copies} copy(ies) dropped by the rule, {} gap(s)",
+        by_sequence.len(),
+        gaps.len()
+    );
+    if check && !gaps.is_empty() {
+        bail!(OperationFailed(format!(
+            "{processor}: {} sequence(s) missing, first {}",
+            gaps.len(),
+            gaps[0]
+        )));
+    }
+    Ok(())
+}

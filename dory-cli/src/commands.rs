@@ -41,10 +41,19 @@ fn now() -> Timestamp {
     )
 }
 
+/// How long ago, to the unit that matters: `42s`, `17m`, `5h`, `3d`.
 fn age(at: Option<Timestamp>) -> String {
     at.map_or_else(
         || "-".into(),
-        |t| format_duration(Duration::from_secs(now().since(t).as_secs())),
+        |t| {
+            let s = now().since(t).as_secs();
+            match s {
+                0..60 => format!("{s}s"),
+                60..3600 => format!("{}m", s / 60),
+                3600..86_400 => format!("{}h", s / 3600),
+                _ => format!("{}d", s / 86_400),
+            }
+        },
     )
 }
 
@@ -612,4 +621,90 @@ pub(crate) fn output(
         )));
     }
     Ok(())
+}
+
+/// `dory snapshots PROCESSOR import --from FILE`: makes a snapshot file (from `export`, maybe
+/// of another processor or another installation) the processor's committed state, so its next
+/// start restores it.
+///
+/// Offline by design: it takes the leadership term (so it fails at once while an orchestrator
+/// leads, instead of racing it) and refuses while an instance holds the processor's lease. It
+/// claims a new epoch, makes it the owner, stores the snapshot re-stamped for this processor
+/// and that epoch (above the committed sequence), then releases ownership: every earlier
+/// epoch stays fenced, and the next orchestrator starts the processor from the import.
+pub(crate) async fn snapshots_import(
+    loaded: &Loaded,
+    processor: &ProcessorId,
+    file: &Path,
+) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    let limits = dory_core::snapshot::Limits::default();
+    let (header, body) = dory_core::snapshot::decode_body(&bytes, &limits)
+        .with_context(|| format!("{} is not a usable Dory snapshot", file.display()))?;
+    let store = backends::store(loaded).await?;
+    let term = match tokio::time::timeout(Duration::from_secs(3), store.leadership.acquire()).await
+    {
+        Ok(term) => term.context("take the leadership term")?,
+        Err(_) => bail!(OperationFailed(
+            "an orchestrator leads: stop it first (an import replaces a processor's state while nothing runs it)"
+                .into()
+        )),
+    };
+    let imported = import_under(&store, processor, term, &header, &body).await;
+    if let Err(e) = store.leadership.resign(term).await {
+        tracing::warn!(target: "dory::cli", "cannot give the leadership term back: {e}");
+    }
+    let (epoch, sequence) = imported?;
+    println!(
+        "imported {} ({} state bytes, {:?}, taken by {} of {} at sequence {}) as {processor} {epoch}, sequence {sequence}; its next start restores it",
+        file.display(),
+        header.raw_len,
+        header.codec,
+        header.epoch,
+        header.processor,
+        header.sequence,
+    );
+    Ok(())
+}
+
+async fn import_under(
+    store: &backends::Store,
+    processor: &ProcessorId,
+    term: dory_core::Term,
+    header: &dory_core::snapshot::SnapshotHeader,
+    body: &[u8],
+) -> Result<(Epoch, Sequence)> {
+    let row = store.store.ownership(processor).await?;
+    let owner = row.as_ref().and_then(|o| o.owner);
+    if let (Some(owner), Some(expires)) = (owner, row.as_ref().and_then(|o| o.lease_expires))
+        && expires > now()
+    {
+        bail!(OperationFailed(format!(
+            "{processor} is owned by {owner}, whose lease runs for another {}: its instance is alive; stop it first (remove the processor from the config, or wait for the lease after its node is gone)",
+            format_duration(expires.since(now()))
+        )));
+    }
+    let committed = row.as_ref().and_then(|o| o.committed).map(|(_, s)| s);
+    let sequence = match committed {
+        Some(c) if c >= header.sequence => Sequence(c.0 + 1),
+        _ => header.sequence,
+    };
+    let epoch = store.store.claim_epoch(processor, term).await?;
+    // Ownership for the import's own write only; released right after.
+    let lease = Duration::from_secs(10);
+    store
+        .store
+        .assign_owner(processor, owner, epoch, lease, term)
+        .await?;
+    let encoded = dory_core::snapshot::Encoder::default().encode_body(
+        processor,
+        epoch,
+        sequence,
+        header.codec,
+        body,
+    )?;
+    let snapshot = dory_core::StoredSnapshot::from_encoded(encoded, now())?;
+    store.store.put_checkpoint(&snapshot, lease).await?;
+    store.store.release(processor, epoch, term).await?;
+    Ok((epoch, sequence))
 }

@@ -163,6 +163,13 @@ enum SnapshotAction {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Make a snapshot file the processor's state; its next start restores it. Offline: no
+    /// orchestrator may be leading and no instance may hold the processor.
+    Import {
+        /// The snapshot file (from `export`).
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -298,6 +305,9 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 SnapshotAction::Export { at, to } => {
                     commands::snapshots_export(&loaded, &p, at.get(), &to).await
+                }
+                SnapshotAction::Import { from } => {
+                    commands::snapshots_import(&loaded, &p, &from).await
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! section says what every implementation must guarantee; the shared behaviour suites behind
 //! the `testing` feature check those guarantees against every backend.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -40,6 +41,57 @@ pub enum Intent {
         /// The node.
         node: NodeId,
     },
+}
+
+impl Intent {
+    /// Refuses an intent that names an empty node, before anything is recorded; the error
+    /// ([`Error::Invalid`](crate::Error::Invalid)) is prefixed with `what`.
+    pub fn check(&self, what: &str) -> Result<()> {
+        let node = match self {
+            Intent::Pin {
+                node: Some(node), ..
+            }
+            | Intent::Cordon { node } => node,
+            Intent::Pin { node: None, .. } | Intent::Uncordon { .. } => return Ok(()),
+        };
+        if node.as_str().is_empty() {
+            return Err(crate::Error::invalid(format!(
+                "{what}: field `node` must name a node"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The operator intents a config source has recorded, as it applies them to the desired
+/// state: pins by processor id (they override an entry's own `pin`) and cordoned nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordedIntents {
+    /// The recorded pins, by processor id as written.
+    pub pins: BTreeMap<String, NodeId>,
+    /// The cordoned nodes.
+    pub cordoned: BTreeSet<NodeId>,
+}
+
+impl FromIterator<(String, String, Option<String>)> for RecordedIntents {
+    /// Reads intents kept as rows of `(kind, subject, node)`: `("pin", processor, Some(node))`
+    /// and `("cordon", node, None)`. Any other row is skipped: the stores' tables rule them
+    /// out with checks of their own.
+    fn from_iter<I: IntoIterator<Item = (String, String, Option<String>)>>(rows: I) -> Self {
+        let mut intents = RecordedIntents::default();
+        for (kind, subject, node) in rows {
+            match (kind.as_str(), node) {
+                ("pin", Some(node)) => {
+                    intents.pins.insert(subject, NodeId::new(node));
+                }
+                ("cordon", _) => {
+                    intents.cordoned.insert(NodeId::new(subject));
+                }
+                _ => {}
+            }
+        }
+        intents
+    }
 }
 
 /// The desired processors: a config DB, a config file, or the caller's own control plane.

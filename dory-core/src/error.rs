@@ -30,7 +30,60 @@ pub enum Error {
     Invalid(String),
 }
 
+/// An [`Error`]'s meaning without its message: what a backend's own error type keeps of the
+/// core error it was mapped from (its causes, such as a driver's error, are seldom `Clone`),
+/// and turns back into an [`Error`] with its own message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Meaning {
+    /// [`Error::Fenced`].
+    Fenced,
+    /// [`Error::NotFound`].
+    NotFound,
+    /// [`Error::Conflict`].
+    Conflict,
+    /// [`Error::Unavailable`].
+    Unavailable,
+    /// [`Error::Invalid`].
+    Invalid,
+}
+
+impl Meaning {
+    /// The error of this meaning with message `msg`.
+    pub fn error(self, msg: impl Into<String>) -> Error {
+        let msg = msg.into();
+        match self {
+            Meaning::Fenced => Error::Fenced(msg),
+            Meaning::NotFound => Error::NotFound(msg),
+            Meaning::Conflict => Error::Conflict(msg),
+            Meaning::Unavailable => Error::Unavailable(msg),
+            Meaning::Invalid => Error::Invalid(msg),
+        }
+    }
+}
+
 impl Error {
+    /// What this error means, without its message.
+    pub fn meaning(&self) -> Meaning {
+        match self {
+            Error::Fenced(_) => Meaning::Fenced,
+            Error::NotFound(_) => Meaning::NotFound,
+            Error::Conflict(_) => Meaning::Conflict,
+            Error::Unavailable(_) => Meaning::Unavailable,
+            Error::Invalid(_) => Meaning::Invalid,
+        }
+    }
+
+    /// The message to put behind a place (`file:3:1: processor "a": …`): an
+    /// [`Invalid`](Error::Invalid) error's message alone, since the place already says that
+    /// something there is wrong; any other error whole, its meaning being news.
+    pub fn reason(&self) -> String {
+        match self {
+            Error::Invalid(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// A [`Error::Fenced`] error.
     pub fn fenced(msg: impl Into<String>) -> Self {
         Error::Fenced(msg.into())
@@ -93,5 +146,20 @@ mod tests {
         );
         assert!(Error::fenced("x").is_fenced());
         assert!(!Error::invalid("x").is_retryable());
+    }
+
+    #[test]
+    fn meanings_round_trip_and_reasons_drop_only_invalid() {
+        for e in [
+            Error::fenced("m"),
+            Error::not_found("m"),
+            Error::conflict("m"),
+            Error::unavailable("m"),
+            Error::invalid("m"),
+        ] {
+            assert_eq!(e.meaning().error("m"), e);
+        }
+        assert_eq!(Error::invalid("bad id").reason(), "bad id");
+        assert_eq!(Error::conflict("taken").reason(), "conflict: taken");
     }
 }

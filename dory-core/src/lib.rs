@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod changes;
 pub mod clock;
+pub mod columns;
 pub mod env;
 pub mod error;
 pub mod input;
@@ -30,7 +31,7 @@ pub mod testing;
 
 pub use backend::{
     ConfigSource, Health, InstanceControl, Intent, Leadership, OutputMessage, Placement, Publisher,
-    StateStore, StatusSink,
+    RecordedIntents, StateStore, StatusSink,
 };
 pub use changes::{ChangeNotifier, Changes};
 pub use clock::{Clock, SystemClock, TokioClock};

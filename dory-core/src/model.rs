@@ -409,6 +409,53 @@ impl ProcessorSpec {
         }
     }
 
+    /// Builds the spec of `id` from an entry's fields as JSON values (a config row's `spec`,
+    /// a config file's table), then applies a recorded `pin` (it overrides the entry's own)
+    /// and [`validate`](ProcessorSpec::validate)s it. Every config source reads entries this
+    /// way, so they all accept the same entries and blame the same fields.
+    ///
+    /// The entry's key is the id: an `id` among the fields is not consulted. Every field but
+    /// the id has a default, so when the fields do not parse, each is parsed on its own to find
+    /// the one to blame, because serde's message rarely names a top-level field.
+    pub fn from_fields(
+        id: &ProcessorId,
+        mut fields: serde_json::Map<String, serde_json::Value>,
+        pin: Option<&NodeId>,
+    ) -> std::result::Result<ProcessorSpec, SpecError> {
+        fields.remove("id");
+        let with_id = |mut fields: serde_json::Map<String, serde_json::Value>| {
+            fields.insert("id".into(), serde_json::Value::String(id.to_string()));
+            serde_json::from_value::<ProcessorSpec>(serde_json::Value::Object(fields))
+        };
+        let mut parsed = match with_id(fields.clone()) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                let culprit = fields.iter().find_map(|(name, v)| {
+                    let alone = serde_json::Map::from_iter([(name.clone(), v.clone())]);
+                    with_id(alone).err().map(|e| (name.clone(), e))
+                });
+                return Err(match culprit {
+                    Some((name, e)) => SpecError::Field {
+                        name: Some(name),
+                        message: e.to_string(),
+                    },
+                    None => SpecError::Field {
+                        name: None,
+                        message: e.to_string(),
+                    },
+                });
+            }
+        };
+        parsed.id = id.clone();
+        if let Some(pin) = pin {
+            parsed.pin = Some(pin.clone());
+        }
+        parsed
+            .validate()
+            .map_err(|e| SpecError::Invalid(e.reason()))?;
+        Ok(parsed)
+    }
+
     /// Checks the fields that serde cannot; errors name the processor and the field.
     pub fn validate(&self) -> Result<()> {
         let id = &self.id;
@@ -482,6 +529,22 @@ pub struct DesiredState {
     pub invalid: Vec<InvalidEntry>,
     /// Nodes the operator cordoned through Dory.
     pub cordoned: BTreeSet<NodeId>,
+}
+
+/// Why an entry's fields do not make a [`ProcessorSpec`]
+/// ([`ProcessorSpec::from_fields`]); the config source puts the entry's place in front.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpecError {
+    /// A field does not parse as its type.
+    Field {
+        /// The top-level field to blame, `None` when no single field is.
+        name: Option<String>,
+        /// serde's message.
+        message: String,
+    },
+    /// The spec parsed but [`ProcessorSpec::validate`] refused it: the reason, naming the
+    /// field path in backticks (``field `restart.crash_loop_failures` ``).
+    Invalid(String),
 }
 
 /// A config entry that did not parse or validate.
@@ -780,6 +843,21 @@ pub struct ProcessorStatus {
     /// status rows written before the field existed still parse.
     #[serde(default)]
     pub last_failover: Option<FailoverReport>,
+}
+
+impl ProcessorStatus {
+    /// A status a store kept whole as JSON (`body`) under the key `processor`. The key is
+    /// authoritative, should someone have edited the body; a body that does not parse is
+    /// [`Error::Invalid`] naming `what` and the processor.
+    pub fn from_stored_body(processor: String, body: &str, what: &str) -> Result<Self> {
+        let mut status: ProcessorStatus = serde_json::from_str(body).map_err(|e| {
+            Error::invalid(format!(
+                "{what}: column `body` of the status of {processor:?}: {e}"
+            ))
+        })?;
+        status.processor = processor;
+        Ok(status)
+    }
 }
 
 /// What a failover cost a processor: the checkpoint its replacement restored and how old that

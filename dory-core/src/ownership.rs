@@ -5,8 +5,27 @@
 //! refuse the same writes with the same meanings. The store supplies the row and does the
 //! writing; the rules only say yes or why not.
 
+use crate::columns::{self, count, timestamp};
 use crate::error::{Error, Result};
-use crate::model::{Epoch, Sequence};
+use crate::model::{Epoch, Ownership, ProcessorId, Sequence};
+
+/// What a SQL store reads of an ownership row to decide a write, column by column, in the
+/// order [`OwnershipRules::from_columns`] takes them: owner, highest claimed, newest owner,
+/// whether the lease runs (compared in the store's clock), committed epoch and sequence.
+pub type RulesColumns = (Option<i64>, i64, i64, bool, Option<i64>, Option<i64>);
+
+/// An ownership row as a SQL store lists it, column by column, in the order
+/// [`Ownership::from_columns`] takes them: processor, owner, highest claimed, lease expiry (ms
+/// since the Unix epoch), committed epoch, committed sequence, committed at (ms).
+pub type OwnershipColumns = (
+    String,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
 
 /// What the rules need to know of one processor's ownership row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +44,19 @@ pub struct OwnershipRules {
 }
 
 impl OwnershipRules {
+    /// The rules over a row a SQL store read (see [`RulesColumns`]); a negative number is
+    /// [`Error::Invalid`] naming `what`.
+    pub fn from_columns(row: RulesColumns, what: &str) -> Result<OwnershipRules> {
+        let (owner, highest, newest_owner, lease_running, c_epoch, c_seq) = row;
+        Ok(OwnershipRules {
+            owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
+            highest: Epoch(count(highest, what)?),
+            newest_owner: Epoch(count(newest_owner, what)?),
+            lease_running,
+            committed: columns::committed(c_epoch, c_seq, what)?,
+        })
+    }
+
     /// A checkpoint or lease renewal from `epoch`: only the owner may.
     pub fn check_owner(&self, what: &str, epoch: Epoch) -> Result<()> {
         match self.owner {
@@ -111,6 +143,22 @@ impl OwnershipRules {
     }
 }
 
+impl Ownership {
+    /// An ownership row a SQL store listed (see [`OwnershipColumns`]); a negative number or a
+    /// processor id that is not one is [`Error::Invalid`] naming `what`.
+    pub fn from_columns(row: OwnershipColumns, what: &str) -> Result<Ownership> {
+        let (processor, owner, highest, lease, c_epoch, c_seq, c_at) = row;
+        Ok(Ownership {
+            processor: ProcessorId::new(processor).map_err(|e| e.context(what))?,
+            owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
+            highest_epoch: Epoch(count(highest, what)?),
+            lease_expires: lease.map(timestamp),
+            committed: columns::committed(c_epoch, c_seq, what)?,
+            committed_at: c_at.map(timestamp),
+        })
+    }
+}
+
 /// An optional epoch for messages.
 pub fn show(epoch: Option<Epoch>) -> String {
     epoch.map_or_else(|| "none".to_string(), |e| e.to_string())
@@ -128,6 +176,26 @@ mod tests {
             lease_running: false,
             committed: Some((Epoch(2), Sequence(10))),
         }
+    }
+
+    #[test]
+    fn rows_read_from_columns() {
+        let rules = OwnershipRules::from_columns((Some(2), 4, 2, false, Some(2), Some(10)), "r");
+        assert_eq!(rules.unwrap(), row());
+        let bad = OwnershipRules::from_columns((Some(-2), 4, 2, false, None, None), "row of p");
+        assert!(matches!(bad, Err(Error::Invalid(m)) if m.contains("row of p")));
+        let listed =
+            Ownership::from_columns(("p".into(), None, 3, Some(-1), Some(1), None, Some(9)), "r")
+                .unwrap();
+        assert_eq!(listed.processor.as_str(), "p");
+        assert_eq!(listed.owner, None);
+        assert_eq!(listed.highest_epoch, Epoch(3));
+        assert_eq!(listed.lease_expires, Some(crate::Timestamp(0)));
+        assert_eq!(listed.committed, None);
+        assert_eq!(listed.committed_at, Some(crate::Timestamp(9)));
+        let bad =
+            Ownership::from_columns(("Not_A_Label".into(), None, 1, None, None, None, None), "r");
+        assert!(matches!(bad, Err(Error::Invalid(_))));
     }
 
     #[test]

@@ -60,6 +60,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use xxhash_rust::xxh3::Xxh3Default;
 
+use crate::columns::{count, timestamp};
 use crate::error::{Error, Result};
 use crate::model::{Epoch, ProcessorId, Sequence, SnapshotMeta, StoredSnapshot, Timestamp};
 
@@ -493,7 +494,59 @@ pub fn decode_state<T: DeserializeOwned>(
     Ok((header, state))
 }
 
+/// A stored snapshot's metadata as a SQL store reads it, column by column, in the order
+/// [`SnapshotMeta::from_columns`] takes them: epoch, sequence, size, created at (ms since the
+/// Unix epoch).
+pub type MetaColumns = (i64, i64, i64, i64);
+
+impl SnapshotMeta {
+    /// The metadata of a snapshot of `processor` a SQL store listed (see [`MetaColumns`]); a
+    /// negative number is [`Error::Invalid`] naming `what`.
+    pub fn from_columns(processor: &ProcessorId, row: MetaColumns, what: &str) -> Result<Self> {
+        let (epoch, sequence, size, created_at) = row;
+        Ok(SnapshotMeta {
+            processor: processor.clone(),
+            epoch: Epoch(count(epoch, what)?),
+            sequence: Sequence(count(sequence, what)?),
+            size: count(size, what)?,
+            created_at: timestamp(created_at),
+        })
+    }
+}
+
 impl StoredSnapshot {
+    /// A snapshot of `processor` read back from a SQL store's table: its metadata columns (see
+    /// [`MetaColumns`]) and its bytes, [`verify`]d, because bytes rot and a bad write may have
+    /// stored garbage. The header must name the processor and sequence it is filed under (its
+    /// epoch is the one that took it, which for a move is not the one it is filed under) and
+    /// the recorded size must be the bytes'. Errors are [`Error::Invalid`] naming processor,
+    /// epoch and sequence.
+    pub fn from_columns(
+        processor: &ProcessorId,
+        meta: MetaColumns,
+        bytes: Vec<u8>,
+    ) -> Result<StoredSnapshot> {
+        let (epoch, sequence, ..) = meta;
+        let what =
+            format!("stored snapshot of processor {processor} epoch {epoch} sequence {sequence}");
+        let meta = SnapshotMeta::from_columns(processor, meta, &what)?;
+        let header = verify(&bytes).map_err(|e| e.context(&what))?;
+        if header.processor != *processor || header.sequence != meta.sequence {
+            return Err(Error::invalid(format!(
+                "{what}: the header says processor {} {}",
+                header.processor, header.sequence
+            )));
+        }
+        if meta.size != bytes.len() as u64 {
+            return Err(Error::invalid(format!(
+                "{what}: {} bytes stored, {} recorded",
+                bytes.len(),
+                meta.size
+            )));
+        }
+        Ok(StoredSnapshot { meta, bytes })
+    }
+
     /// Wraps an encoded snapshot after [`verify`]ing it, taking the metadata from its header
     /// (`size` is the encoded length).
     pub fn from_encoded(bytes: Vec<u8>, created_at: Timestamp) -> Result<StoredSnapshot> {
@@ -1084,6 +1137,31 @@ mod tests {
         let mut bad = stored.bytes;
         bad[20] ^= 1;
         assert!(StoredSnapshot::from_encoded(bad, Timestamp(5)).is_err());
+    }
+
+    #[test]
+    fn snapshots_read_from_columns_are_checked() {
+        let bytes = sample();
+        let len = bytes.len() as i64;
+        // Filed under epoch 4 (a move's new owner), taken by 3: fine.
+        let stored = StoredSnapshot::from_columns(&id("p"), (4, 9, len, 5), bytes.clone());
+        let stored = stored.unwrap();
+        assert_eq!(
+            (stored.meta.epoch, stored.meta.size),
+            (Epoch(4), len as u64)
+        );
+        assert_eq!(stored.meta.created_at, Timestamp(5));
+        for (processor, meta) in [
+            ("q", (4, 9, len, 5)),
+            ("p", (4, 8, len, 5)),
+            ("p", (4, 9, 1, 5)),
+        ] {
+            let e = StoredSnapshot::from_columns(&id(processor), meta, bytes.clone()).unwrap_err();
+            assert!(matches!(e, Error::Invalid(_)), "{e}");
+            assert!(e.to_string().contains("epoch 4"), "{e}");
+        }
+        let e = StoredSnapshot::from_columns(&id("p"), (-1, 9, len, 5), bytes).unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dory_core::{
-    ChangeNotifier, Changes, ConfigSource, DesiredState, Error, Intent, NodeId, Result,
+    ChangeNotifier, Changes, ConfigSource, DesiredState, Error, Intent, RecordedIntents, Result,
 };
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::oneshot;
@@ -292,20 +292,7 @@ impl ConfigSource for FileConfig {
                     .fetch_all(self.db.pool())
                     .await
                     .map_err(sql(what))?;
-            let mut pins = BTreeMap::new();
-            let mut cordoned = std::collections::BTreeSet::new();
-            for (kind, subject, node) in intents {
-                match (kind.as_str(), node) {
-                    ("pin", Some(node)) => {
-                        pins.insert(subject, NodeId::new(node));
-                    }
-                    ("cordon", _) => {
-                        cordoned.insert(NodeId::new(subject));
-                    }
-                    // The table's checks rule anything else out.
-                    _ => {}
-                }
-            }
+            let RecordedIntents { pins, cordoned } = intents.into_iter().collect();
             let mut desired = spec_file::parse(&self.path, &text, &pins)?;
             desired.cordoned = cordoned;
             Ok(desired)
@@ -320,16 +307,12 @@ impl ConfigSource for FileConfig {
     async fn record_intent(&self, intent: &Intent) -> Result<()> {
         let what = format!("record_intent {intent:?}");
         logged(&what, async {
+            intent.check(&what)?;
             match intent {
                 Intent::Pin {
                     processor,
                     node: Some(node),
                 } => {
-                    if node.as_str().is_empty() {
-                        return Err(Error::invalid(format!(
-                            "{what}: field `node` must name a node"
-                        )));
-                    }
                     // Only a listed processor can be pinned.
                     if !self.listed(&what).await?.contains(processor.as_str()) {
                         return Err(Error::not_found(format!(
@@ -372,11 +355,6 @@ impl ConfigSource for FileConfig {
                     }
                 }
                 Intent::Cordon { node } => {
-                    if node.as_str().is_empty() {
-                        return Err(Error::invalid(format!(
-                            "{what}: field `node` must name a node"
-                        )));
-                    }
                     sqlx::query(
                         "INSERT INTO intents (kind, subject, recorded_at) VALUES ('cordon', ?1, ?2) \
                          ON CONFLICT (kind, subject) DO NOTHING",

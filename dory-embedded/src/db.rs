@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dory_core::{Error, Result, Timestamp};
+use dory_core::{Error, Result};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -285,16 +285,4 @@ pub(crate) async fn logged<T>(what: &str, op: impl Future<Output = Result<T>>) -
 /// A number for an `INTEGER` column; values above `i64::MAX` cannot be stored.
 pub(crate) fn db(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid(format!("{what}: {v} does not fit in an INTEGER")))
-}
-
-/// A number read from an `INTEGER` column that holds epochs, sequences or sizes (never
-/// negative).
-pub(crate) fn count(v: i64, what: &str) -> Result<u64> {
-    u64::try_from(v).map_err(|_| Error::invalid(format!("{what}: negative value {v} stored")))
-}
-
-/// A stored time in milliseconds.
-pub(crate) fn ts(ms: i64) -> Timestamp {
-    // A time before 1970 cannot come from the clock.
-    Timestamp(u64::try_from(ms).unwrap_or(0))
 }

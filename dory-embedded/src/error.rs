@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use dory_core::Error as CoreError;
+use dory_core::error::Meaning;
 
 /// What can go wrong while opening an embedded backend.
 ///
@@ -76,63 +77,29 @@ impl Error {
     /// Whether trying again later may succeed (the file was locked or busy, or an I/O error
     /// that may pass).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self.meaning(), Meaning::Unavailable)
+        self.meaning() == Meaning::Unavailable
     }
 
     /// Which [`dory_core::Error`] variant this error means.
     fn meaning(&self) -> Meaning {
         match self {
-            Error::Open { source, .. } => Meaning::of_sqlx(source),
+            Error::Open { source, .. } => map_sqlx(source).meaning(),
             Error::Migrate {
                 source: sqlx::Error::Protocol(_),
                 ..
             } => Meaning::Invalid,
-            Error::Migrate { source, .. } => Meaning::of_sqlx(source),
+            Error::Migrate { source, .. } => map_sqlx(source).meaning(),
             Error::NoWal { .. } => Meaning::Invalid,
-            Error::Io { source, .. } => Meaning::of_io(source),
+            Error::Io { source, .. } => map_io(source).meaning(),
             Error::Watch { .. } => Meaning::Unavailable,
             Error::NoRuntime { .. } => Meaning::Invalid,
         }
     }
 }
 
-/// The meaning of a setup error, kept apart so [`Error`] need not be `Clone`.
-#[derive(Clone, Copy)]
-enum Meaning {
-    Invalid,
-    Unavailable,
-    Conflict,
-    NotFound,
-}
-
-impl Meaning {
-    fn of_sqlx(e: &sqlx::Error) -> Self {
-        Meaning::of_core(&map_sqlx(e))
-    }
-
-    fn of_io(e: &std::io::Error) -> Self {
-        Meaning::of_core(&map_io(e))
-    }
-
-    fn of_core(e: &CoreError) -> Self {
-        match e {
-            CoreError::Unavailable(_) => Meaning::Unavailable,
-            CoreError::Conflict(_) => Meaning::Conflict,
-            CoreError::NotFound(_) => Meaning::NotFound,
-            _ => Meaning::Invalid,
-        }
-    }
-}
-
 impl From<Error> for CoreError {
     fn from(e: Error) -> Self {
-        let msg = format!("embedded setup: {e}");
-        match e.meaning() {
-            Meaning::Invalid => CoreError::invalid(msg),
-            Meaning::Unavailable => CoreError::unavailable(msg),
-            Meaning::Conflict => CoreError::conflict(msg),
-            Meaning::NotFound => CoreError::not_found(msg),
-        }
+        e.meaning().error(format!("embedded setup: {e}"))
     }
 }
 

@@ -6,7 +6,9 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use dory_core::{DesiredState, Error, InvalidEntry, NodeId, ProcessorId, ProcessorSpec, Result};
+use dory_core::{
+    DesiredState, Error, InvalidEntry, NodeId, ProcessorId, ProcessorSpec, Result, SpecError,
+};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
@@ -102,7 +104,7 @@ impl<'a> Doc<'a> {
     ) -> std::result::Result<ProcessorSpec, String> {
         let entry = format!("processor {id:?}");
         let at_key = self.at(key_span.start);
-        let pid = ProcessorId::new(id).map_err(|e| format!("{at_key}: {entry}: {}", reason(&e)))?;
+        let pid = ProcessorId::new(id).map_err(|e| format!("{at_key}: {entry}: {}", e.reason()))?;
         let DeValue::Table(table) = value.get_ref() else {
             return Err(format!(
                 "{}: {entry}: must be a table (`[{PROCESSORS}.{id}]`), not {} {}",
@@ -155,45 +157,29 @@ impl<'a> Doc<'a> {
             fields.insert(name_str.to_string(), json);
             spans.insert(name_str.to_string(), name.span());
         }
-        let with_id = |fields: serde_json::Map<String, serde_json::Value>| {
-            let mut fields = fields;
-            fields.insert("id".into(), serde_json::Value::String(id.to_string()));
-            serde_json::from_value::<ProcessorSpec>(serde_json::Value::Object(fields))
-        };
-        let mut parsed = match with_id(fields.clone()) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                // serde's message rarely names the top-level field; find it by parsing each
-                // field on its own (every field but the id has a default), as `dory-pg` does.
-                let culprit = fields.iter().find_map(|(name, v)| {
-                    let alone = serde_json::Map::from_iter([(name.clone(), v.clone())]);
-                    with_id(alone).err().map(|e| (name.clone(), e))
-                });
-                return Err(match culprit {
-                    Some((name, e)) => {
-                        let at = spans
-                            .get(&name)
-                            .map_or_else(|| at_key.clone(), |s| self.at(s.start));
-                        format!("{at}: {entry}: field `{name}`: {e}")
-                    }
-                    None => format!("{at_key}: {entry}: {e}"),
-                });
+        ProcessorSpec::from_fields(&pid, fields, pin).map_err(|e| match e {
+            SpecError::Field {
+                name: Some(name),
+                message,
+            } => {
+                let at = spans
+                    .get(&name)
+                    .map_or_else(|| at_key.clone(), |s| self.at(s.start));
+                format!("{at}: {entry}: field `{name}`: {message}")
             }
-        };
-        parsed.id = pid;
-        if let Some(pin) = pin {
-            parsed.pin = Some(pin.clone());
-        }
-        if let Err(e) = parsed.validate() {
-            let why = reason(&e);
-            // Point at the field the message names (`restart.crash_loop_failures`), as deep
-            // as the file spells it out; at the entry's key when it is not written at all.
-            let at = field_named(&why)
-                .and_then(|path| deepest_span(table, &path))
-                .map_or(at_key, |s| self.at(s.start));
-            return Err(format!("{at}: {entry}: {why}"));
-        }
-        Ok(parsed)
+            SpecError::Field {
+                name: None,
+                message,
+            } => format!("{at_key}: {entry}: {message}"),
+            SpecError::Invalid(why) => {
+                // Point at the field the message names (`restart.crash_loop_failures`), as
+                // deep as the file spells it out; at the entry's key when it is not written.
+                let at = field_named(&why)
+                    .and_then(|path| deepest_span(table, &path))
+                    .map_or_else(|| at_key.clone(), |s| self.at(s.start));
+                format!("{at}: {entry}: {why}")
+            }
+        })
     }
 }
 
@@ -302,14 +288,6 @@ fn to_json(
             J::Object(map)
         }
     })
-}
-
-/// An error's message without the `invalid: ` prefix of its kind.
-fn reason(e: &Error) -> String {
-    match e {
-        Error::Invalid(m) => m.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

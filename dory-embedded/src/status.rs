@@ -102,16 +102,7 @@ impl StatusSink for EmbeddedStatus {
                     .await
                     .map_err(sql(what))?;
             rows.into_iter()
-                .map(|(processor, body)| {
-                    let mut status: ProcessorStatus = serde_json::from_str(&body).map_err(|e| {
-                        Error::invalid(format!(
-                            "{what}: column `body` of the status of {processor:?}: {e}"
-                        ))
-                    })?;
-                    // The key column is authoritative, should someone have edited the body.
-                    status.processor = processor;
-                    Ok(status)
-                })
+                .map(|(processor, body)| ProcessorStatus::from_stored_body(processor, &body, what))
                 .collect()
         })
         .await

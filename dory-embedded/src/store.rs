@@ -3,14 +3,16 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dory_core::ownership::OwnershipRules;
+use dory_core::columns::{count, timestamp};
+use dory_core::ownership::{OwnershipColumns, OwnershipRules, RulesColumns};
+use dory_core::snapshot::MetaColumns;
 use dory_core::{
     Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
-    StoredSnapshot, Term, Timestamp, snapshot,
+    StoredSnapshot, Term, Timestamp,
 };
 use sqlx::SqliteConnection;
 
-use crate::db::{EmbeddedDb, count, db, logged, now_ms, ts};
+use crate::db::{EmbeddedDb, db, logged, now_ms};
 use crate::error::sql;
 
 /// The longest lease granted: a longer one is as good as forever, and milliseconds since the
@@ -27,7 +29,7 @@ const MAX_LEASE_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
 /// of processes serialise on that lock, and each decides on the row as the previous one left
 /// it. Leases and timestamps are wall-clock milliseconds, taken once the lock is held (so a
 /// write that waited grants its lease from when it decided). Snapshots are verified with
-/// [`snapshot::verify`] before they are stored and after they are read.
+/// [`snapshot::verify`](dory_core::snapshot::verify) before they are stored and after they are read.
 ///
 /// It is a cheap handle: clones share the database's connection pool.
 #[derive(Clone, Debug)]
@@ -59,8 +61,7 @@ async fn fetch_row(
     now: i64,
     what: &str,
 ) -> Result<Option<OwnershipRules>> {
-    type RowT = (Option<i64>, i64, i64, bool, Option<i64>, Option<i64>);
-    let row: Option<RowT> = sqlx::query_as(
+    let row: Option<RulesColumns> = sqlx::query_as(
         "SELECT owner, highest, newest_owner, COALESCE(lease_expires > ?2, 0), \
                 committed_epoch, committed_seq \
          FROM ownership WHERE processor = ?1",
@@ -70,20 +71,8 @@ async fn fetch_row(
     .fetch_optional(&mut *tx)
     .await
     .map_err(sql(what))?;
-    let Some((owner, highest, newest_owner, lease_running, c_epoch, c_seq)) = row else {
-        return Ok(None);
-    };
-    let committed = match (c_epoch, c_seq) {
-        (Some(e), Some(s)) => Some((Epoch(count(e, what)?), Sequence(count(s, what)?))),
-        _ => None,
-    };
-    Ok(Some(OwnershipRules {
-        owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
-        highest: Epoch(count(highest, what)?),
-        newest_owner: Epoch(count(newest_owner, what)?),
-        lease_running,
-        committed,
-    }))
+    row.map(|r| OwnershipRules::from_columns(r, what))
+        .transpose()
 }
 
 /// Refuses an orchestrator write unless `term` is the current leadership term. Read inside
@@ -117,7 +106,7 @@ async fn grant(
         .execute(&mut *tx)
         .await
         .map_err(sql(what))?;
-    Ok(ts(expires))
+    Ok(timestamp(expires))
 }
 
 /// Stores `snapshot` under its metadata's key and makes it the committed checkpoint.
@@ -172,69 +161,8 @@ async fn set_owner(
     Ok(())
 }
 
-/// A snapshot row as read: `(epoch, sequence, size, created_at ms, body)`.
-type SnapRow = (i64, i64, i64, i64, Vec<u8>);
-
-/// Verifies a snapshot read back from the table: bytes rot, and a bad write may have stored
-/// garbage. The error names processor and epoch.
-fn verify_stored(processor: &ProcessorId, row: SnapRow) -> Result<StoredSnapshot> {
-    let (epoch, sequence, size, created_at, bytes) = row;
-    let what =
-        format!("stored snapshot of processor {processor} epoch {epoch} sequence {sequence}");
-    let meta = SnapshotMeta {
-        processor: processor.clone(),
-        epoch: Epoch(count(epoch, &what)?),
-        sequence: Sequence(count(sequence, &what)?),
-        size: count(size, &what)?,
-        created_at: ts(created_at),
-    };
-    let header = snapshot::verify(&bytes).map_err(|e| e.context(&what))?;
-    // The header's epoch is the one that took it, which for a move is not the one it is filed
-    // under; processor, sequence and size must match.
-    if header.processor != *processor || header.sequence != meta.sequence {
-        return Err(Error::invalid(format!(
-            "{what}: the header says processor {} {}",
-            header.processor, header.sequence
-        )));
-    }
-    if meta.size != bytes.len() as u64 {
-        return Err(Error::invalid(format!(
-            "{what}: {} bytes stored, {} recorded",
-            bytes.len(),
-            meta.size
-        )));
-    }
-    Ok(StoredSnapshot { meta, bytes })
-}
-
-type OwnershipRow = (
-    String,
-    Option<i64>,
-    i64,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-);
-
 const OWNERSHIP_COLUMNS: &str = "processor, owner, highest, lease_expires, \
      committed_epoch, committed_seq, committed_at";
-
-fn ownership_of(row: OwnershipRow, what: &str) -> Result<Ownership> {
-    let (processor, owner, highest, lease, c_epoch, c_seq, c_at) = row;
-    let committed = match (c_epoch, c_seq) {
-        (Some(e), Some(s)) => Some((Epoch(count(e, what)?), Sequence(count(s, what)?))),
-        _ => None,
-    };
-    Ok(Ownership {
-        processor: ProcessorId::new(processor).map_err(|e| e.context(what))?,
-        owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
-        highest_epoch: Epoch(count(highest, what)?),
-        lease_expires: lease.map(ts),
-        committed,
-        committed_at: c_at.map(ts),
-    })
-}
 
 #[async_trait]
 impl StateStore for EmbeddedStore {
@@ -419,23 +347,25 @@ impl StateStore for EmbeddedStore {
     async fn ownership(&self, processor: &ProcessorId) -> Result<Option<Ownership>> {
         let what = format!("ownership of {processor}");
         let query = format!("SELECT {OWNERSHIP_COLUMNS} FROM ownership WHERE processor = ?1");
-        let row: Option<OwnershipRow> = sqlx::query_as(sqlx::AssertSqlSafe(query))
+        let row: Option<OwnershipColumns> = sqlx::query_as(sqlx::AssertSqlSafe(query))
             .bind(processor.as_str())
             .fetch_optional(self.db.pool())
             .await
             .map_err(sql(&what))?;
-        row.map(|r| ownership_of(r, &what)).transpose()
+        row.map(|r| Ownership::from_columns(r, &what)).transpose()
     }
 
     async fn ownerships(&self) -> Result<Vec<Ownership>> {
         let what = "ownerships";
         // SQLite's default BINARY collation compares UTF-8 bytes, as `ProcessorId`'s `Ord`.
         let query = format!("SELECT {OWNERSHIP_COLUMNS} FROM ownership ORDER BY processor");
-        let rows: Vec<OwnershipRow> = sqlx::query_as(sqlx::AssertSqlSafe(query))
+        let rows: Vec<OwnershipColumns> = sqlx::query_as(sqlx::AssertSqlSafe(query))
             .fetch_all(self.db.pool())
             .await
             .map_err(sql(what))?;
-        rows.into_iter().map(|r| ownership_of(r, what)).collect()
+        rows.into_iter()
+            .map(|r| Ownership::from_columns(r, what))
+            .collect()
     }
 
     async fn latest(&self, processor: &ProcessorId) -> Result<Option<StoredSnapshot>> {
@@ -456,7 +386,8 @@ impl StateStore for EmbeddedStore {
         match row {
             None => Ok(None),
             Some((epoch, sequence, Some(size), Some(created_at), Some(body))) => {
-                verify_stored(processor, (epoch, sequence, size, created_at, body)).map(Some)
+                StoredSnapshot::from_columns(processor, (epoch, sequence, size, created_at), body)
+                    .map(Some)
             }
             Some((epoch, sequence, ..)) => Err(Error::not_found(format!(
                 "{what}: the committed snapshot epoch {epoch} sequence {sequence} is missing"
@@ -475,7 +406,7 @@ impl StateStore for EmbeddedStore {
         let (Ok(e), Ok(s)) = (i64::try_from(epoch.0), i64::try_from(sequence.0)) else {
             return Ok(None);
         };
-        let row: Option<SnapRow> = sqlx::query_as(
+        let row: Option<(i64, i64, i64, i64, Vec<u8>)> = sqlx::query_as(
             "SELECT epoch, sequence, size, created_at, body \
              FROM snapshots WHERE processor = ?1 AND epoch = ?2 AND sequence = ?3",
         )
@@ -485,12 +416,15 @@ impl StateStore for EmbeddedStore {
         .fetch_optional(self.db.pool())
         .await
         .map_err(sql(&what))?;
-        row.map(|r| verify_stored(processor, r)).transpose()
+        row.map(|(e, s, size, at, body)| {
+            StoredSnapshot::from_columns(processor, (e, s, size, at), body)
+        })
+        .transpose()
     }
 
     async fn history(&self, processor: &ProcessorId) -> Result<Vec<SnapshotMeta>> {
         let what = format!("history of {processor}");
-        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<MetaColumns> = sqlx::query_as(
             "SELECT epoch, sequence, size, created_at \
              FROM snapshots WHERE processor = ?1 ORDER BY epoch DESC, sequence DESC",
         )
@@ -499,15 +433,7 @@ impl StateStore for EmbeddedStore {
         .await
         .map_err(sql(&what))?;
         rows.into_iter()
-            .map(|(epoch, sequence, size, created_at)| {
-                Ok(SnapshotMeta {
-                    processor: processor.clone(),
-                    epoch: Epoch(count(epoch, &what)?),
-                    sequence: Sequence(count(sequence, &what)?),
-                    size: count(size, &what)?,
-                    created_at: ts(created_at),
-                })
-            })
+            .map(|row| SnapshotMeta::from_columns(processor, row, &what))
             .collect()
     }
 

@@ -1,6 +1,7 @@
 //! This crate's setup errors, and the mapping of sqlx errors to Dory's meanings.
 
 use dory_core::Error as CoreError;
+use dory_core::error::Meaning;
 
 /// What can go wrong while setting up a Postgres backend.
 ///
@@ -47,50 +48,27 @@ pub enum Error {
 impl Error {
     /// Whether trying again later may succeed (the database was unreachable or busy).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self.meaning(), CoreMeaning::Unavailable)
+        self.meaning() == Meaning::Unavailable
     }
 
     /// Which [`dory_core::Error`] variant this error means.
-    fn meaning(&self) -> CoreMeaning {
+    fn meaning(&self) -> Meaning {
         match self {
-            Error::InvalidSchema { .. } | Error::InvalidUrl(_) => CoreMeaning::Invalid,
-            Error::Connect(_) => CoreMeaning::Unavailable,
-            Error::CreateSchema { source, .. } => CoreMeaning::of(source),
+            Error::InvalidSchema { .. } | Error::InvalidUrl(_) => Meaning::Invalid,
+            Error::Connect(_) => Meaning::Unavailable,
+            Error::CreateSchema { source, .. } => map_sqlx(source).meaning(),
             Error::Migrate { source, .. } => match source {
                 sqlx::migrate::MigrateError::Execute(e)
-                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => CoreMeaning::of(e),
-                _ => CoreMeaning::Invalid,
+                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => map_sqlx(e).meaning(),
+                _ => Meaning::Invalid,
             },
-        }
-    }
-}
-
-/// The meaning of a setup error, kept apart so [`Error`] need not be `Clone`.
-#[derive(Clone, Copy)]
-enum CoreMeaning {
-    Invalid,
-    Unavailable,
-    Conflict,
-}
-
-impl CoreMeaning {
-    fn of(e: &sqlx::Error) -> Self {
-        match map_sqlx(e) {
-            CoreError::Unavailable(_) => CoreMeaning::Unavailable,
-            CoreError::Conflict(_) => CoreMeaning::Conflict,
-            _ => CoreMeaning::Invalid,
         }
     }
 }
 
 impl From<Error> for CoreError {
     fn from(e: Error) -> Self {
-        let msg = format!("postgres setup: {e}");
-        match e.meaning() {
-            CoreMeaning::Invalid => CoreError::invalid(msg),
-            CoreMeaning::Unavailable => CoreError::unavailable(msg),
-            CoreMeaning::Conflict => CoreError::conflict(msg),
-        }
+        e.meaning().error(format!("postgres setup: {e}"))
     }
 }
 

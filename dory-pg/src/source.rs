@@ -1,14 +1,13 @@
 //! [`PgConfigSource`]: the desired processors and operator intents in Postgres, with change
 //! nudges through `LISTEN`/`NOTIFY`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use dory_core::{
     ChangeNotifier, Changes, ConfigSource, DesiredState, Error, Intent, InvalidEntry, NodeId,
-    ProcessorId, ProcessorSpec, Result,
+    ProcessorId, ProcessorSpec, RecordedIntents, Result, SpecError,
 };
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use tokio::sync::oneshot;
@@ -269,50 +268,24 @@ fn parse_row(
     pin: Option<&NodeId>,
 ) -> std::result::Result<ProcessorSpec, String> {
     let row = format!("processors row {id:?}");
-    let pid = ProcessorId::new(id).map_err(|e| format!("{row}: {}", reason(&e)))?;
+    let pid = ProcessorId::new(id).map_err(|e| format!("{row}: {}", e.reason()))?;
     let value: serde_json::Value =
         serde_json::from_str(spec).map_err(|e| format!("{row}: field `spec` is not JSON: {e}"))?;
-    let serde_json::Value::Object(mut fields) = value else {
+    let serde_json::Value::Object(fields) = value else {
         return Err(format!("{row}: field `spec` must be a JSON object"));
     };
     // The id column is the id; one repeated inside the spec is not consulted.
-    fields.remove("id");
-    let with_id = |fields: serde_json::Map<String, serde_json::Value>| {
-        let mut fields = fields;
-        fields.insert("id".into(), serde_json::Value::String(id.to_string()));
-        serde_json::from_value::<ProcessorSpec>(serde_json::Value::Object(fields))
-    };
-    let mut parsed = match with_id(fields.clone()) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            // serde's message rarely names the top-level field; find it by parsing each field
-            // on its own (every field but the id has a default).
-            let culprit = fields.iter().find_map(|(name, v)| {
-                let alone = serde_json::Map::from_iter([(name.clone(), v.clone())]);
-                with_id(alone).err().map(|e| (name.clone(), e))
-            });
-            return Err(match culprit {
-                Some((name, e)) => format!("{row}: field `{name}`: {e}"),
-                None => format!("{row}: field `spec`: {e}"),
-            });
-        }
-    };
-    parsed.id = pid;
-    if let Some(pin) = pin {
-        parsed.pin = Some(pin.clone());
-    }
-    parsed
-        .validate()
-        .map_err(|e| format!("{row}: {}", reason(&e)))?;
-    Ok(parsed)
-}
-
-/// An error's message without the `invalid: ` prefix of its kind.
-fn reason(e: &Error) -> String {
-    match e {
-        Error::Invalid(m) => m.clone(),
-        other => other.to_string(),
-    }
+    ProcessorSpec::from_fields(&pid, fields, pin).map_err(|e| match e {
+        SpecError::Field {
+            name: Some(name),
+            message,
+        } => format!("{row}: field `{name}`: {message}"),
+        SpecError::Field {
+            name: None,
+            message,
+        } => format!("{row}: field `spec`: {message}"),
+        SpecError::Invalid(why) => format!("{row}: {why}"),
+    })
 }
 
 #[async_trait]
@@ -338,20 +311,11 @@ impl ConfigSource for PgConfigSource {
                     .map_err(sql(what))?;
             tx.commit().await.map_err(sql(what))?;
 
-            let mut desired = DesiredState::default();
-            let mut pins = BTreeMap::new();
-            for (kind, subject, node) in intents {
-                match (kind.as_str(), node) {
-                    ("pin", Some(node)) => {
-                        pins.insert(subject, NodeId::new(node));
-                    }
-                    ("cordon", _) => {
-                        desired.cordoned.insert(NodeId::new(subject));
-                    }
-                    // The table's checks rule anything else out.
-                    _ => {}
-                }
-            }
+            let RecordedIntents { pins, cordoned } = intents.into_iter().collect();
+            let mut desired = DesiredState {
+                cordoned,
+                ..DesiredState::default()
+            };
             for (id, spec) in rows {
                 match parse_row(&id, &spec, pins.get(&id)) {
                     Ok(spec) => desired.processors.push(spec),
@@ -370,16 +334,12 @@ impl ConfigSource for PgConfigSource {
     async fn record_intent(&self, intent: &Intent) -> Result<()> {
         let what = format!("record_intent {intent:?}");
         logged(&what, async {
+            intent.check(&what)?;
             match intent {
                 Intent::Pin {
                     processor,
                     node: Some(node),
                 } => {
-                    if node.as_str().is_empty() {
-                        return Err(Error::invalid(format!(
-                            "{what}: field `node` must name a node"
-                        )));
-                    }
                     // Only a listed processor can be pinned; checked in the same statement.
                     let written = sqlx::query(
                         "INSERT INTO intents (kind, subject, node) \
@@ -419,11 +379,6 @@ impl ConfigSource for PgConfigSource {
                     }
                 }
                 Intent::Cordon { node } => {
-                    if node.as_str().is_empty() {
-                        return Err(Error::invalid(format!(
-                            "{what}: field `node` must name a node"
-                        )));
-                    }
                     sqlx::query(
                         "INSERT INTO intents (kind, subject) VALUES ('cordon', $1) \
                          ON CONFLICT (kind, subject) DO NOTHING",

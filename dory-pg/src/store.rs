@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use dory_core::ownership::OwnershipRules;
+use dory_core::columns::{count, timestamp};
+use dory_core::ownership::{OwnershipColumns, OwnershipRules, RulesColumns};
+use dory_core::snapshot::MetaColumns;
 use dory_core::{
     Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
-    StoredSnapshot, Term, Timestamp, snapshot,
+    StoredSnapshot, Term, Timestamp,
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
@@ -67,7 +69,7 @@ pub(crate) async fn prepare(
 /// `leadership` row `FOR SHARE` and compare the term, so a new leader's increment waits for
 /// them and every later one sees it.
 /// Leases and timestamps come from the database clock, so every participant measures leases
-/// on one clock. Snapshots are verified with [`snapshot::verify`] before they are stored and
+/// on one clock. Snapshots are verified with [`snapshot::verify`](dory_core::snapshot::verify) before they are stored and
 /// after they are read.
 ///
 /// It is a cheap handle: clones share one connection pool.
@@ -212,17 +214,6 @@ fn db(v: u64, what: &str) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid(format!("{what}: {v} does not fit in a bigint")))
 }
 
-/// A number read from a `bigint` column that holds epochs or sequences (never negative).
-fn count(v: i64, what: &str) -> Result<u64> {
-    u64::try_from(v).map_err(|_| Error::invalid(format!("{what}: negative value {v} stored")))
-}
-
-/// Milliseconds since the epoch, read as `floor(extract(epoch from ...) * 1000)`.
-fn ts(ms: i64) -> Timestamp {
-    // A time before 1970 cannot come from the database clock.
-    Timestamp(u64::try_from(ms).unwrap_or(0))
-}
-
 fn lease_ms(lease: Duration) -> i64 {
     i64::try_from(lease.as_millis().min(MAX_LEASE_MS)).unwrap_or(i64::MAX)
 }
@@ -234,8 +225,7 @@ async fn fetch_locked(
     processor: &ProcessorId,
     what: &str,
 ) -> Result<Option<OwnershipRules>> {
-    type RowT = (Option<i64>, i64, i64, bool, Option<i64>, Option<i64>);
-    let row: Option<RowT> = sqlx::query_as(
+    let row: Option<RulesColumns> = sqlx::query_as(
         "SELECT owner, highest, newest_owner, \
                 COALESCE(lease_expires > clock_timestamp(), false), \
                 committed_epoch, committed_seq \
@@ -245,20 +235,8 @@ async fn fetch_locked(
     .fetch_optional(&mut *tx)
     .await
     .map_err(sql(what))?;
-    let Some((owner, highest, newest_owner, lease_running, c_epoch, c_seq)) = row else {
-        return Ok(None);
-    };
-    let committed = match (c_epoch, c_seq) {
-        (Some(e), Some(s)) => Some((Epoch(count(e, what)?), Sequence(count(s, what)?))),
-        _ => None,
-    };
-    Ok(Some(OwnershipRules {
-        owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
-        highest: Epoch(count(highest, what)?),
-        newest_owner: Epoch(count(newest_owner, what)?),
-        lease_running,
-        committed,
-    }))
+    row.map(|r| OwnershipRules::from_columns(r, what))
+        .transpose()
 }
 
 /// Refuses an orchestrator write unless `term` is the current leadership term. The row is
@@ -296,7 +274,7 @@ async fn grant(
     .fetch_one(&mut *tx)
     .await
     .map_err(sql(what))?;
-    Ok(ts(expires))
+    Ok(timestamp(expires))
 }
 
 /// Stores `snapshot` under its metadata's key and makes it the committed checkpoint.
@@ -381,74 +359,13 @@ async fn put_new_checkpoint(
     .fetch_optional(pool)
     .await
     .map_err(sql(what))?;
-    Ok(expires.map(ts))
+    Ok(expires.map(timestamp))
 }
-
-/// A snapshot row as read: `(epoch, sequence, size, created_at ms, body)`.
-type SnapRow = (i64, i64, i64, i64, Vec<u8>);
-
-/// Verifies a snapshot read back from the table: bytes rot, and a bad write may have stored
-/// garbage. The error names processor and epoch.
-fn verify_stored(processor: &ProcessorId, row: SnapRow) -> Result<StoredSnapshot> {
-    let (epoch, sequence, size, created_at, bytes) = row;
-    let what =
-        format!("stored snapshot of processor {processor} epoch {epoch} sequence {sequence}");
-    let meta = SnapshotMeta {
-        processor: processor.clone(),
-        epoch: Epoch(count(epoch, &what)?),
-        sequence: Sequence(count(sequence, &what)?),
-        size: count(size, &what)?,
-        created_at: ts(created_at),
-    };
-    let header = snapshot::verify(&bytes).map_err(|e| e.context(&what))?;
-    // The header's epoch is the one that took it, which for a move is not the one it is filed
-    // under; processor, sequence and size must match.
-    if header.processor != *processor || header.sequence != meta.sequence {
-        return Err(Error::invalid(format!(
-            "{what}: the header says processor {} {}",
-            header.processor, header.sequence
-        )));
-    }
-    if meta.size != bytes.len() as u64 {
-        return Err(Error::invalid(format!(
-            "{what}: {} bytes stored, {} recorded",
-            bytes.len(),
-            meta.size
-        )));
-    }
-    Ok(StoredSnapshot { meta, bytes })
-}
-
-type OwnershipRow = (
-    String,
-    Option<i64>,
-    i64,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-);
 
 const OWNERSHIP_COLUMNS: &str = "processor, owner, highest, \
      floor(extract(epoch from lease_expires) * 1000)::bigint, \
      committed_epoch, committed_seq, \
      floor(extract(epoch from committed_at) * 1000)::bigint";
-
-fn ownership_of(row: OwnershipRow, what: &str) -> Result<Ownership> {
-    let (processor, owner, highest, lease, c_epoch, c_seq, c_at) = row;
-    let committed = match (c_epoch, c_seq) {
-        (Some(e), Some(s)) => Some((Epoch(count(e, what)?), Sequence(count(s, what)?))),
-        _ => None,
-    };
-    Ok(Ownership {
-        processor: ProcessorId::new(processor).map_err(|e| e.context(what))?,
-        owner: owner.map(|o| count(o, what).map(Epoch)).transpose()?,
-        highest_epoch: Epoch(count(highest, what)?),
-        lease_expires: lease.map(ts),
-        committed,
-        committed_at: c_at.map(ts),
-    })
-}
 
 #[async_trait]
 impl StateStore for PgStore {
@@ -646,12 +563,12 @@ impl StateStore for PgStore {
     async fn ownership(&self, processor: &ProcessorId) -> Result<Option<Ownership>> {
         let what = format!("ownership of {processor}");
         let query = format!("SELECT {OWNERSHIP_COLUMNS} FROM ownership WHERE processor = $1");
-        let row: Option<OwnershipRow> = sqlx::query_as(AssertSqlSafe(query))
+        let row: Option<OwnershipColumns> = sqlx::query_as(AssertSqlSafe(query))
             .bind(processor.as_str())
             .fetch_optional(&self.pool)
             .await
             .map_err(sql(&what))?;
-        row.map(|r| ownership_of(r, &what)).transpose()
+        row.map(|r| Ownership::from_columns(r, &what)).transpose()
     }
 
     async fn ownerships(&self) -> Result<Vec<Ownership>> {
@@ -659,11 +576,13 @@ impl StateStore for PgStore {
         // Byte-wise order, whatever the database's collation, to match `ProcessorId`'s `Ord`.
         let query =
             format!("SELECT {OWNERSHIP_COLUMNS} FROM ownership ORDER BY processor COLLATE \"C\"");
-        let rows: Vec<OwnershipRow> = sqlx::query_as(AssertSqlSafe(query))
+        let rows: Vec<OwnershipColumns> = sqlx::query_as(AssertSqlSafe(query))
             .fetch_all(&self.pool)
             .await
             .map_err(sql(what))?;
-        rows.into_iter().map(|r| ownership_of(r, what)).collect()
+        rows.into_iter()
+            .map(|r| Ownership::from_columns(r, what))
+            .collect()
     }
 
     async fn latest(&self, processor: &ProcessorId) -> Result<Option<StoredSnapshot>> {
@@ -684,7 +603,8 @@ impl StateStore for PgStore {
         match row {
             None => Ok(None),
             Some((epoch, sequence, Some(size), Some(created_at), Some(body))) => {
-                verify_stored(processor, (epoch, sequence, size, created_at, body)).map(Some)
+                StoredSnapshot::from_columns(processor, (epoch, sequence, size, created_at), body)
+                    .map(Some)
             }
             Some((epoch, sequence, ..)) => Err(Error::not_found(format!(
                 "{what}: the committed snapshot epoch {epoch} sequence {sequence} is missing"
@@ -703,7 +623,7 @@ impl StateStore for PgStore {
         let (Ok(e), Ok(s)) = (i64::try_from(epoch.0), i64::try_from(sequence.0)) else {
             return Ok(None);
         };
-        let row: Option<SnapRow> = sqlx::query_as(
+        let row: Option<(i64, i64, i64, i64, Vec<u8>)> = sqlx::query_as(
             "SELECT epoch, sequence, size, \
                     floor(extract(epoch from created_at) * 1000)::bigint, body \
              FROM snapshots WHERE processor = $1 AND epoch = $2 AND sequence = $3",
@@ -714,12 +634,15 @@ impl StateStore for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(sql(&what))?;
-        row.map(|r| verify_stored(processor, r)).transpose()
+        row.map(|(e, s, size, at, body)| {
+            StoredSnapshot::from_columns(processor, (e, s, size, at), body)
+        })
+        .transpose()
     }
 
     async fn history(&self, processor: &ProcessorId) -> Result<Vec<SnapshotMeta>> {
         let what = format!("history of {processor}");
-        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<MetaColumns> = sqlx::query_as(
             "SELECT epoch, sequence, size, \
                     floor(extract(epoch from created_at) * 1000)::bigint \
              FROM snapshots WHERE processor = $1 ORDER BY epoch DESC, sequence DESC",
@@ -729,15 +652,7 @@ impl StateStore for PgStore {
         .await
         .map_err(sql(&what))?;
         rows.into_iter()
-            .map(|(epoch, sequence, size, created_at)| {
-                Ok(SnapshotMeta {
-                    processor: processor.clone(),
-                    epoch: Epoch(count(epoch, &what)?),
-                    sequence: Sequence(count(sequence, &what)?),
-                    size: count(size, &what)?,
-                    created_at: ts(created_at),
-                })
-            })
+            .map(|row| SnapshotMeta::from_columns(processor, row, &what))
             .collect()
     }
 

@@ -5,4 +5,5 @@ mod cli;
 mod config_changes;
 mod e2e;
 mod faults;
+mod snapshots;
 mod support;

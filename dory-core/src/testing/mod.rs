@@ -38,7 +38,9 @@ pub use config::config_intent_suite;
 pub use leadership::leadership_suite;
 pub use publisher::{PublishedLog, publisher_suite};
 pub use status::status_sink_suite;
-pub use store::{SnapshotCorruptor, damaged_snapshot_suite, state_store_suite};
+pub use store::{
+    SnapshotCorruptor, concurrent_writers_suite, damaged_snapshot_suite, state_store_suite,
+};
 
 /// How long a suite waits for something that should happen promptly (a leadership handover,
 /// a change nudge) before it declares the contract broken. Generous, because real backends

@@ -1102,3 +1102,109 @@ fn refused<T: Debug>(p: &ProcessorId, what: &str, r: Result<T>) {
         panic!("{p}: {what} must be refused, got {r:?}");
     }
 }
+
+/// Two writers racing on one processor through separate handles of the same store (separate
+/// connections, as two instance processes would have): only the owner's checkpoints are
+/// stored, whatever the interleaving, before and after ownership moves between them.
+///
+/// `store` is the orchestrator's handle (it claims and assigns under a term from
+/// `leadership`); `a` and `b` are the two writers' handles on the same rows. Each writes 20
+/// checkpoints per round.
+pub async fn concurrent_writers_suite(
+    store: &dyn StateStore,
+    a: &dyn StateStore,
+    b: &dyn StateStore,
+    leadership: &dyn Leadership,
+) {
+    let term = leadership.acquire().await.expect("acquire");
+    let p = unique_processor("writers");
+
+    let e1 = store.claim_epoch(&p, term).await.expect("claim e1");
+    store
+        .assign_owner(&p, None, e1, LEASE, term)
+        .await
+        .expect("assign e1");
+    let e2 = store.claim_epoch(&p, term).await.expect("claim e2");
+
+    // e1 owns: everything e2 writes is fenced, whatever the interleaving.
+    let (ra, rb) = tokio::join!(write_many(a, &p, e1, 1, 20), write_many(b, &p, e2, 1, 20));
+    assert_all(&p, "owner e1", &ra, false);
+    assert_all(&p, "non-owner e2", &rb, true);
+
+    // Hand over to e2 (e1's lease runs out first), then race again: now e1 is the intruder.
+    store
+        .renew_lease(&p, e1, Duration::from_millis(1))
+        .await
+        .expect("shorten e1's lease");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store
+        .assign_owner(&p, Some(e1), e2, LEASE, term)
+        .await
+        .expect("assign e1 -> e2");
+    let (ra, rb) = tokio::join!(write_many(a, &p, e1, 21, 20), write_many(b, &p, e2, 21, 20));
+    assert_all(&p, "former owner e1", &ra, true);
+    assert_all(&p, "owner e2", &rb, false);
+
+    // Nothing a fenced write sent was stored.
+    let history = store.history(&p).await.expect("history");
+    assert_eq!(history.len(), 40, "{p}: 20 checkpoints of each owner");
+    for meta in &history {
+        let want = if meta.sequence.0 <= 20 { e1 } else { e2 };
+        assert_eq!(
+            meta.epoch, want,
+            "{p}: {meta:?} filed under the wrong epoch"
+        );
+        let snap = store
+            .get(&p, meta.epoch, meta.sequence)
+            .await
+            .expect("get")
+            .expect("listed snapshot exists");
+        assert!(
+            written_by(&snap, want),
+            "{p}: {meta:?} holds another writer's bytes"
+        );
+    }
+    let row = store.ownership(&p).await.expect("ownership").expect("row");
+    assert_eq!(row.owner, Some(e2), "{p}");
+    assert_eq!(row.committed, Some((e2, Sequence(40))), "{p}");
+    leadership.resign(term).await.expect("resign");
+}
+
+/// Writes `count` checkpoints from `epoch`, starting at `first`; returns each outcome.
+async fn write_many(
+    store: &dyn StateStore,
+    p: &ProcessorId,
+    epoch: Epoch,
+    first: u64,
+    count: u64,
+) -> Vec<Result<()>> {
+    let mut out = Vec::new();
+    for s in first..first + count {
+        let body = format!("{epoch} wrote {s}");
+        let snap = test_snapshot(p, epoch, Sequence(s), body.as_bytes());
+        out.push(store.put_checkpoint(&snap, LEASE).await.map(drop));
+    }
+    out
+}
+
+/// Every write in `results` succeeded, or (`fenced`) every one was fenced.
+fn assert_all(p: &ProcessorId, what: &str, results: &[Result<()>], fenced: bool) {
+    for (i, r) in results.iter().enumerate() {
+        if fenced {
+            assert!(
+                matches!(r, Err(Error::Fenced(_))),
+                "{p}: {what}: write {i} must be Fenced, got {r:?}"
+            );
+        } else {
+            assert!(r.is_ok(), "{p}: {what}: write {i} must succeed, got {r:?}");
+        }
+    }
+}
+
+/// Whether `snap` holds the bytes [`write_many`] wrote from `epoch` at its sequence.
+fn written_by(snap: &StoredSnapshot, epoch: Epoch) -> bool {
+    let body = format!("{epoch} wrote {}", snap.meta.sequence.0);
+    crate::snapshot::decode_body(&snap.bytes, &Default::default())
+        .map(|(_, raw)| raw == body.as_bytes())
+        .unwrap_or(false)
+}

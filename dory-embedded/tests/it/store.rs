@@ -5,12 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dory_core::testing::{
-    SnapshotCorruptor, damaged_snapshot_suite, state_store_suite, test_move_snapshot,
-    test_snapshot, unique_name, unique_processor,
+    SnapshotCorruptor, concurrent_writers_suite, damaged_snapshot_suite, state_store_suite,
+    test_move_snapshot, test_snapshot, unique_name, unique_processor,
 };
-use dory_core::{
-    Epoch, Error, Leadership, ProcessorId, Result, Sequence, StateStore, StoredSnapshot,
-};
+use dory_core::{Epoch, Error, Leadership, ProcessorId, Result, Sequence, StateStore};
 use dory_embedded::{EmbeddedDb, EmbeddedLeadership, EmbeddedStore};
 use sqlx::SqlitePool;
 
@@ -108,106 +106,16 @@ async fn many_processes_open_a_fresh_file_at_once() {
     assert_eq!(sync, 2, "synchronous=FULL");
 }
 
-/// Writes `count` checkpoints from `epoch`, starting at `first`; returns each outcome.
-async fn write_many(
-    store: &EmbeddedStore,
-    p: &ProcessorId,
-    epoch: Epoch,
-    first: u64,
-    count: u64,
-) -> Vec<Result<()>> {
-    let mut out = Vec::new();
-    for s in first..first + count {
-        let body = format!("{epoch} wrote {s}");
-        let snap = test_snapshot(p, epoch, Sequence(s), body.as_bytes());
-        out.push(store.put_checkpoint(&snap, LEASE).await.map(drop));
-    }
-    out
-}
-
-fn assert_all(what: &str, results: &[Result<()>], fenced: bool) {
-    for (i, r) in results.iter().enumerate() {
-        if fenced {
-            assert!(
-                matches!(r, Err(Error::Fenced(_))),
-                "{what}: write {i} must be Fenced, got {r:?}"
-            );
-        } else {
-            assert!(r.is_ok(), "{what}: write {i} must succeed, got {r:?}");
-        }
-    }
-}
-
-fn written_by(snap: &StoredSnapshot, epoch: Epoch) -> bool {
-    let body = format!("{epoch} wrote {}", snap.meta.sequence.0);
-    dory_core::snapshot::decode_body(&snap.bytes, &Default::default())
-        .map(|(_, raw)| raw == body.as_bytes())
-        .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_in_two_processes_only_the_owner_writes() {
     let t = test_db().await;
     let leadership = EmbeddedLeadership::new(&t.db, unique_name("writers"));
-    let term = leadership.acquire().await.expect("acquire");
     // Each writer has its own pool on the file, as two instance processes would.
     let (a, b) = (
         EmbeddedStore::new(&t.another().await),
         EmbeddedStore::new(&t.another().await),
     );
-    let store = EmbeddedStore::new(&t.db);
-    let p = unique_processor("writers");
-
-    let e1 = store.claim_epoch(&p, term).await.expect("claim e1");
-    store
-        .assign_owner(&p, None, e1, LEASE, term)
-        .await
-        .expect("assign e1");
-    let e2 = store.claim_epoch(&p, term).await.expect("claim e2");
-
-    let (ra, rb) = tokio::join!(write_many(&a, &p, e1, 1, 20), write_many(&b, &p, e2, 1, 20));
-    assert_all("owner e1", &ra, false);
-    assert_all("non-owner e2", &rb, true);
-
-    // Hand over to e2 (e1's lease runs out first), then race again: now e1 is the intruder.
-    store
-        .renew_lease(&p, e1, Duration::from_millis(1))
-        .await
-        .expect("shorten e1's lease");
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    store
-        .assign_owner(&p, Some(e1), e2, LEASE, term)
-        .await
-        .expect("assign e1 -> e2");
-    let (ra, rb) = tokio::join!(
-        write_many(&a, &p, e1, 21, 20),
-        write_many(&b, &p, e2, 21, 20)
-    );
-    assert_all("former owner e1", &ra, true);
-    assert_all("owner e2", &rb, false);
-
-    let history = store.history(&p).await.expect("history");
-    assert_eq!(history.len(), 40, "{p}: 20 checkpoints of each owner");
-    for meta in &history {
-        let want = if meta.sequence.0 <= 20 { e1 } else { e2 };
-        assert_eq!(
-            meta.epoch, want,
-            "{p}: {meta:?} filed under the wrong epoch"
-        );
-        let snap = store
-            .get(&p, meta.epoch, meta.sequence)
-            .await
-            .expect("get")
-            .expect("listed snapshot exists");
-        assert!(
-            written_by(&snap, want),
-            "{p}: {meta:?} holds another writer's bytes"
-        );
-    }
-    let row = store.ownership(&p).await.expect("ownership").expect("row");
-    assert_eq!(row.owner, Some(e2));
-    assert_eq!(row.committed, Some((e2, Sequence(40))));
-    leadership.resign(term).await.expect("resign");
+    concurrent_writers_suite(&EmbeddedStore::new(&t.db), &a, &b, &leadership).await;
 }
 
 /// Many "processes" each owning processors checkpoint, renew and claim at once on one file:

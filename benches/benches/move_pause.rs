@@ -851,6 +851,9 @@ async fn bench(full: bool) -> Result<()> {
                 site: Site::Cloud,
                 capacity: Resources::new(2000, 4096),
                 exec_prefix: vec![],
+                store_url: None,
+                publisher_url: None,
+                reach_host: None,
             })
             .collect(),
         supervisor: vec![PROCESSOR_BIN.into(), "supervise".into()],

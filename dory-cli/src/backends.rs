@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use dory_control::HttpControl;
 use dory_core::{ConfigSource, Leadership, StateStore, StatusSink};
 use dory_embedded::{EmbeddedDb, EmbeddedLeadership, EmbeddedStatus, EmbeddedStore, FileConfig};
-use dory_local::{InstanceSettings, LocalConfig, LocalNode, LocalPlacement};
+use dory_local::{InstanceSettings, LocalConfig, LocalPlacement};
 use dory_pg::{PgConfig, PgConfigSource, PgLeadership, PgStatus, PgStore};
 
 use crate::config::{ConfigKind, Loaded, StoreKind};
@@ -114,16 +114,7 @@ pub(crate) fn placement(loaded: &Loaded, supervisor: Vec<String>) -> Result<Loca
 pub(crate) fn local_config(loaded: &Loaded, supervisor: Vec<String>) -> LocalConfig {
     LocalConfig {
         state_dir: loaded.config.orchestrator.state_dir.clone(),
-        nodes: loaded
-            .nodes()
-            .into_iter()
-            .map(|(id, site, capacity, exec_prefix)| LocalNode {
-                id,
-                site,
-                capacity,
-                exec_prefix,
-            })
-            .collect(),
+        nodes: loaded.nodes(),
         supervisor,
         instance: InstanceSettings {
             store_url: loaded.store_url(),

@@ -564,6 +564,7 @@ pub(crate) fn output(
     processor: &ProcessorId,
     check: bool,
     tail: usize,
+    format: Output,
 ) -> Result<()> {
     let log = dory_embedded::read_output(&loaded.output_dir(), processor)
         .with_context(|| format!("read the output of {processor}"))?;
@@ -583,10 +584,37 @@ pub(crate) fn output(
         }
     }
     let skip = by_sequence.len().saturating_sub(tail);
-    for (seq, (epoch, payload)) in by_sequence.iter().skip(skip) {
+    let first = by_sequence.keys().next().copied().unwrap_or(0);
+    let last = by_sequence.keys().last().copied().unwrap_or(0);
+    let gaps: Vec<u64> = if by_sequence.is_empty() {
+        Vec::new()
+    } else {
+        (1..=last)
+            .filter(|s| !by_sequence.contains_key(s))
+            .collect()
+    };
+    if format == Output::Json {
+        let messages: Vec<_> = by_sequence
+            .iter()
+            .skip(skip)
+            .map(|(seq, (epoch, payload))| {
+                serde_json::json!({"sequence": seq, "epoch": epoch, "payload": payload})
+            })
+            .collect();
+        json(&serde_json::json!({
+            "processor": processor.as_str(),
+            "messages": messages,
+            "count": by_sequence.len(),
+            "copies_dropped": copies,
+            "gaps": gaps,
+            "damaged_lines": log.damaged.iter().map(|d| d.line).collect::<Vec<_>>(),
+        }))?;
+    }
+    let table = format == Output::Table;
+    for (seq, (epoch, payload)) in by_sequence.iter().skip(skip).filter(|_| table) {
         println!("{seq:>8}  epoch {epoch:<4} {payload}");
     }
-    for damaged in &log.damaged {
+    for damaged in log.damaged.iter().filter(|_| table) {
         println!(
             "  line {} skipped{}: {}",
             damaged.line,
@@ -598,21 +626,14 @@ pub(crate) fn output(
             damaged.reason
         );
     }
-    let first = by_sequence.keys().next().copied().unwrap_or(0);
-    let last = by_sequence.keys().last().copied().unwrap_or(0);
-    let gaps: Vec<u64> = if by_sequence.is_empty() {
-        Vec::new()
-    } else {
-        (1..=last)
-            .filter(|s| !by_sequence.contains_key(s))
-            .collect()
-    };
     let epochs: BTreeSet<u64> = by_sequence.values().map(|(e, _)| *e).collect();
-    println!(
-        "{processor}: {} message(s), sequences {first}..={last}, epochs {epochs:?}, {copies} copy(ies) dropped by the rule, {} gap(s)",
-        by_sequence.len(),
-        gaps.len()
-    );
+    if table {
+        println!(
+            "{processor}: {} message(s), sequences {first}..={last}, epochs {epochs:?}, {copies} copy(ies) dropped by the rule, {} gap(s)",
+            by_sequence.len(),
+            gaps.len()
+        );
+    }
     if check && !gaps.is_empty() {
         bail!(OperationFailed(format!(
             "{processor}: {} sequence(s) missing, first {}",

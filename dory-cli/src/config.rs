@@ -11,6 +11,7 @@ use std::time::Duration;
 use dory_core::orchestrator::Settings;
 use dory_core::planner::PlannerConfig;
 use dory_core::{NodeId, Resources, Site};
+use dory_local::LocalNode;
 use serde::{Deserialize, Deserializer};
 
 use crate::duration::parse_duration;
@@ -148,6 +149,15 @@ pub(crate) struct NodeSection {
     /// A command prefix every instance on the node runs under (e.g. `ip netns exec edge`).
     #[serde(default)]
     pub(crate) exec_prefix: Vec<String>,
+    /// The store URL this node's instances get instead of the global one: the same store
+    /// reached another way (e.g. from a network namespace through the host's end of a veth
+    /// pair). Its `?schema=` must name the same schema.
+    pub(crate) store_url: Option<String>,
+    /// The publisher URL this node's instances get instead of the global one.
+    pub(crate) publisher_url: Option<String>,
+    /// The host the orchestrator reaches this node's instances at (they bind every
+    /// interface); loopback when not given.
+    pub(crate) reach_host: Option<std::net::IpAddr>,
 }
 
 fn default_cpu() -> u64 {
@@ -301,18 +311,19 @@ impl Loaded {
     }
 
     /// The local placement's virtual nodes.
-    pub(crate) fn nodes(&self) -> Vec<(NodeId, Site, Resources, Vec<String>)> {
+    pub(crate) fn nodes(&self) -> Vec<LocalNode> {
         self.config
             .placement
             .nodes
             .iter()
-            .map(|n| {
-                (
-                    NodeId::new(&n.id),
-                    n.site,
-                    Resources::new(n.cpu_millis, n.memory_mib),
-                    n.exec_prefix.clone(),
-                )
+            .map(|n| LocalNode {
+                id: NodeId::new(&n.id),
+                site: n.site,
+                capacity: Resources::new(n.cpu_millis, n.memory_mib),
+                exec_prefix: n.exec_prefix.clone(),
+                store_url: n.store_url.clone(),
+                publisher_url: n.publisher_url.clone(),
+                reach_host: n.reach_host,
             })
             .collect()
     }
@@ -401,6 +412,11 @@ fn check(config: &DoryConfig) -> Result<(), String> {
                 "`placement.nodes[{i}].exec_prefix`: an empty argument"
             ));
         }
+        if n.store_url.as_deref() == Some("") || n.publisher_url.as_deref() == Some("") {
+            return Err(format!(
+                "`placement.nodes[{i}]`: an empty `store_url` or `publisher_url` (leave it out to use the global one)"
+            ));
+        }
     }
     if config.store.kind == StoreKind::Postgres && config.store.url.is_none() {
         return Err("`store.url`: the postgres store needs a URL".into());
@@ -480,6 +496,37 @@ site = "cloud"
         assert_eq!(loaded.publisher_url(), "file:///srv/dory/.dory/output");
         assert_eq!(loaded.processors_file(), Path::new("/srv/dory/dory.toml"));
         assert_eq!(loaded.nodes().len(), 1);
+        let node = &loaded.nodes()[0];
+        assert_eq!(
+            (&node.store_url, &node.publisher_url, node.reach_host),
+            (&None, &None, None)
+        );
+    }
+
+    #[test]
+    fn a_node_overrides_the_backend_urls_and_where_its_instances_are_reached() {
+        let text = format!(
+            "{MINIMAL}[[placement.nodes]]\nid = \"edge-1\"\nsite = \"edge\"\nexec_prefix = [\"ip\", \"netns\", \"exec\", \"edge\"]\nstore_url = \"postgres://postgres@10.200.1.1:5432/test?schema=s\"\npublisher_url = \"amqp://guest:guest@10.200.1.1:5672/%2f\"\nreach_host = \"10.200.1.2\"\n"
+        );
+        let loaded = parse(&text).unwrap();
+        let nodes = loaded.nodes();
+        let edge = &nodes[1];
+        assert_eq!(
+            edge.store_url.as_deref(),
+            Some("postgres://postgres@10.200.1.1:5432/test?schema=s")
+        );
+        assert_eq!(
+            edge.publisher_url.as_deref(),
+            Some("amqp://guest:guest@10.200.1.1:5672/%2f")
+        );
+        assert_eq!(edge.reach_host, Some([10, 200, 1, 2].into()));
+        // The other node keeps the global settings.
+        assert_eq!((&nodes[0].store_url, nodes[0].reach_host), (&None, None));
+
+        let err = parse(&format!("{MINIMAL}reach_host = \"edge\"\n")).unwrap_err();
+        assert!(err.contains("reach_host"), "{err}");
+        let err = parse(&format!("{MINIMAL}store_url = \"\"\n")).unwrap_err();
+        assert!(err.contains("placement.nodes[0]"), "{err}");
     }
 
     #[test]

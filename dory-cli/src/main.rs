@@ -112,6 +112,9 @@ enum Command {
         /// Print at most this many of the latest messages.
         #[arg(long, default_value_t = 10)]
         tail: usize,
+        /// How to print it.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Fault operations on a local placement's virtual node.
     Node {
@@ -197,6 +200,19 @@ enum NodeAction {
     },
     /// Bring a killed node back.
     Revive {
+        /// The node.
+        node: String,
+    },
+    /// Mark the node cut off from the network: not ready (its processors fail over once
+    /// the grace period and their leases are over), its instances left running. It does not
+    /// touch the network itself.
+    Partition {
+        /// The node.
+        node: String,
+    },
+    /// Mark a cut-off node reachable again: its instances that lost their processors are
+    /// terminated.
+    Heal {
         /// The node.
         node: String,
     },
@@ -315,7 +331,8 @@ async fn run(cli: Cli) -> Result<()> {
             processor,
             check,
             tail,
-        } => commands::output(&load()?, &processor_id(&processor)?, check, tail),
+            output,
+        } => commands::output(&load()?, &processor_id(&processor)?, check, tail, output),
         Command::Node { action } => {
             let loaded = load()?;
             let nodes = dory_local::LocalNodes::new(&loaded.config.orchestrator.state_dir);
@@ -327,6 +344,14 @@ async fn run(cli: Cli) -> Result<()> {
                 NodeAction::Revive { node } => {
                     nodes.revive_node(&NodeId::new(&node))?;
                     println!("revived node {node}");
+                }
+                NodeAction::Partition { node } => {
+                    nodes.partition(&NodeId::new(&node))?;
+                    println!("node {node} is cut off (not ready); its instances run on");
+                }
+                NodeAction::Heal { node } => {
+                    nodes.heal(&NodeId::new(&node))?;
+                    println!("node {node} is reachable again");
                 }
                 NodeAction::Spot { node, within } => {
                     let deadline = dory_core::SystemClock.now().plus(within);

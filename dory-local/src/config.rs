@@ -1,6 +1,7 @@
 //! The local placement's configuration: where its registry lives, the virtual nodes, how
 //! instances are started and what their environment holds.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ pub struct LocalConfig {
 }
 
 /// One named virtual node.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 pub struct LocalNode {
     /// The node's name.
     pub id: NodeId,
@@ -38,6 +39,36 @@ pub struct LocalNode {
     /// namespace. Empty by default.
     #[serde(default)]
     pub exec_prefix: Vec<String>,
+    /// `DORY_STORE_URL` for this node's instances instead of [`InstanceSettings::store_url`]:
+    /// the same store reached another way, e.g. from a network namespace through an address
+    /// of the host. `None` by default.
+    #[serde(default)]
+    pub store_url: Option<String>,
+    /// `DORY_PUBLISHER_URL` for this node's instances instead of
+    /// [`InstanceSettings::publisher_url`]. `None` by default.
+    #[serde(default)]
+    pub publisher_url: Option<String>,
+    /// The host the placement reaches this node's instances at when they bound every
+    /// interface (they write `0.0.0.0:p`): e.g. the namespace's end of a veth pair. `None`
+    /// (the default) is loopback, right for instances in the host's network.
+    #[serde(default)]
+    pub reach_host: Option<IpAddr>,
+}
+
+/// URLs shown without their passwords, as [`InstanceSettings`] does.
+impl std::fmt::Debug for LocalNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = dory_core::env::redact_url;
+        f.debug_struct("LocalNode")
+            .field("id", &self.id)
+            .field("site", &self.site)
+            .field("capacity", &self.capacity)
+            .field("exec_prefix", &self.exec_prefix)
+            .field("store_url", &self.store_url.as_deref().map(redact))
+            .field("publisher_url", &self.publisher_url.as_deref().map(redact))
+            .field("reach_host", &self.reach_host)
+            .finish()
+    }
 }
 
 /// The parts of every instance's `DORY_*` environment that do not come from its
@@ -195,5 +226,26 @@ mod tests {
         assert_eq!(node.id, NodeId::new("edge-1"));
         assert_eq!(node.site, Site::Edge);
         assert!(node.exec_prefix.is_empty());
+        assert_eq!(
+            (node.store_url, node.publisher_url, node.reach_host),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn a_node_overrides_the_urls_and_the_host_its_instances_are_reached_at() {
+        let node: LocalNode = serde_json::from_str(
+            r#"{"id": "edge-1", "site": "edge", "capacity": {"cpu_millis": 2000, "memory_mib": 1024},
+                "store_url": "postgres://dory:s3cret@10.200.1.1/dory",
+                "publisher_url": "amqp://10.200.1.1/%2f", "reach_host": "10.200.1.2"}"#,
+        )
+        .unwrap();
+        assert_eq!(node.reach_host, Some(IpAddr::from([10, 200, 1, 2])));
+        assert_eq!(node.publisher_url.as_deref(), Some("amqp://10.200.1.1/%2f"));
+        let shown = format!("{node:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("10.200.1.2"),
+            "{shown}"
+        );
     }
 }

@@ -45,9 +45,9 @@ pub enum LocalError {
         /// The name given.
         node: String,
     },
-    /// The node was killed ([`crate::LocalNodes::kill_node`]) and not revived: nothing starts
-    /// there.
-    #[error("node {node} is down (killed); revive it first")]
+    /// The node was killed ([`crate::LocalNodes::kill_node`]) and not revived, or is cut off
+    /// ([`crate::LocalNodes::partition`]) and not healed: nothing starts there.
+    #[error("node {node} is down (killed or cut off); revive or heal it first")]
     NodeDown {
         /// The node.
         node: NodeId,

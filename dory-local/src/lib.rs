@@ -24,6 +24,9 @@
 //!         site: Site::Edge,
 //!         capacity: Resources::new(2000, 1024),
 //!         exec_prefix: vec![],
+//!         store_url: None,
+//!         publisher_url: None,
+//!         reach_host: None,
 //!     }],
 //!     supervisor: vec!["/usr/local/bin/dory-supervise".into()],
 //!     instance: InstanceSettings {

@@ -32,8 +32,19 @@ pub struct NodeState {
     /// The node was killed: every instance on it is dead and nothing starts there until it is
     /// revived.
     pub killed: bool,
-    /// Since when the node has had its current readiness (kill or revival time).
+    /// The node is cut off from the network: its instances keep running (and are fenced by
+    /// the store once their leases run out), but the node is not ready, so the orchestrator
+    /// counts it lost after the grace period and nothing starts there until it is healed.
+    pub partitioned: bool,
+    /// Since when the node has had its current readiness (kill, cut, revival or heal time).
     pub ready_since: Timestamp,
+}
+
+impl NodeState {
+    /// Whether the node is ready: neither killed nor cut off.
+    pub fn is_ready(&self) -> bool {
+        !self.killed && !self.partitioned
+    }
 }
 
 /// The node operations, for any process that knows the state directory.
@@ -213,10 +224,11 @@ impl LocalNodes {
         Ok(killed)
     }
 
-    /// Brings a killed node back, empty, ready and schedulable, with no interruption.
+    /// Brings a killed node back, empty, ready and schedulable, with no interruption (and
+    /// no longer cut off).
     pub fn revive_node(&self, node: &NodeId) -> Result<(), LocalError> {
         self.update(node, |s, now| {
-            if s.killed {
+            if !s.is_ready() {
                 s.ready_since = now;
             }
             *s = NodeState {
@@ -225,6 +237,37 @@ impl LocalNodes {
             };
         })?;
         tracing::info!(target: "dory::local", %node, "node revived");
+        Ok(())
+    }
+}
+
+impl LocalNodes {
+    /// Marks `node` cut off from the network (the operator's or a test's word for it: this
+    /// does not touch the network): not ready from now on, its instances left running. The
+    /// orchestrator fails their processors over once the node has been lost for the grace
+    /// period and their leases have run out.
+    pub fn partition(&self, node: &NodeId) -> Result<(), LocalError> {
+        self.update(node, |s, now| {
+            if s.is_ready() {
+                s.ready_since = now;
+            }
+            s.partitioned = true;
+        })?;
+        tracing::warn!(target: "dory::local", %node, "node cut off");
+        Ok(())
+    }
+
+    /// Marks `node` reachable again: ready from now on unless it is killed. Its instances
+    /// that lost their processors are terminated by the orchestrator (the store has fenced
+    /// them already).
+    pub fn heal(&self, node: &NodeId) -> Result<(), LocalError> {
+        self.update(node, |s, now| {
+            s.partitioned = false;
+            if s.is_ready() {
+                s.ready_since = now;
+            }
+        })?;
+        tracing::info!(target: "dory::local", %node, "node reachable again");
         Ok(())
     }
 }
@@ -297,4 +340,39 @@ pub(crate) fn kill_instance(
     // the instance was alive when this call looked, so it counts as killed here.
     registry::write_if_absent(&exit, &bytes)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_off_node_is_not_ready_until_healed_and_keeps_its_instances() {
+        let dir = std::env::temp_dir().join(format!(
+            "dory-local-nodes-{}-{}",
+            std::process::id(),
+            SystemClock.now().0
+        ));
+        let nodes = LocalNodes::new(&dir);
+        let node = NodeId::new("edge-1");
+        assert!(nodes.state(&node).unwrap().is_ready());
+        nodes.partition(&node).unwrap();
+        let cut = nodes.state(&node).unwrap();
+        assert!(!cut.is_ready() && !cut.killed && !cut.cordoned, "{cut:?}");
+        // A second cut does not move the time the node stopped being ready.
+        nodes.partition(&node).unwrap();
+        assert_eq!(nodes.state(&node).unwrap().ready_since, cut.ready_since);
+        nodes.heal(&node).unwrap();
+        let healed = nodes.state(&node).unwrap();
+        assert!(healed.is_ready(), "{healed:?}");
+        assert!(healed.ready_since >= cut.ready_since);
+        // Healing a killed node does not make it ready: only a revival does.
+        nodes.partition(&node).unwrap();
+        nodes.kill_node(&node).unwrap();
+        nodes.heal(&node).unwrap();
+        assert!(!nodes.state(&node).unwrap().is_ready());
+        nodes.revive_node(&node).unwrap();
+        assert!(nodes.state(&node).unwrap().is_ready());
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

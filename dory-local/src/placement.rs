@@ -302,6 +302,16 @@ impl LocalPlacement {
         self.node_op(node, |n| n.revive_node(node))
     }
 
+    /// Marks `node` cut off from the network (see [`LocalNodes::partition`]).
+    pub fn partition(&self, node: &NodeId) -> Result<(), LocalError> {
+        self.node_op(node, |n| n.partition(node))
+    }
+
+    /// Marks `node` reachable again (see [`LocalNodes::heal`]).
+    pub fn heal(&self, node: &NodeId) -> Result<(), LocalError> {
+        self.node_op(node, |n| n.heal(node))
+    }
+
     fn node_op<T>(
         &self,
         node: &NodeId,
@@ -344,7 +354,7 @@ impl LocalPlacement {
         let spec = &request.spec;
         let (processor, epoch, node) = (&spec.id, request.epoch, &request.node);
         let node_config = inner.node_config(node)?;
-        if inner.nodes.state(node)?.killed {
+        if !inner.nodes.state(node)?.is_ready() {
             return Err(LocalError::NodeDown { node: node.clone() });
         }
         if spec.workload.command.is_empty() {
@@ -424,8 +434,14 @@ impl Inner {
             token: record.token.clone(),
             // Each instance binds a free port and reports it through the address file.
             port: 0,
-            store_url: settings.store_url.clone(),
-            publisher_url: settings.publisher_url.clone(),
+            store_url: node
+                .store_url
+                .clone()
+                .unwrap_or_else(|| settings.store_url.clone()),
+            publisher_url: node
+                .publisher_url
+                .clone()
+                .or_else(|| settings.publisher_url.clone()),
             input_url: settings.input_url.clone(),
             lease: settings.lease,
             checkpoint_interval: spec.checkpoint_interval,
@@ -667,7 +683,12 @@ impl Inner {
         if t.address.is_none()
             && let Some(text) = registry::read_text(&t.dir.join(ADDRESS_FILE))?
         {
-            t.address = reachable_address(text.trim());
+            // A node no longer configured is reached where a node without a host is.
+            let host = self
+                .node_config(&t.record.node)
+                .ok()
+                .and_then(|n| n.reach_host);
+            t.address = reachable_address(text.trim(), host);
         }
         Ok(())
     }
@@ -805,7 +826,7 @@ impl Inner {
                     id: n.id.clone(),
                     site: n.site,
                     schedulable: !state.cordoned,
-                    ready: !state.killed,
+                    ready: state.is_ready(),
                     ready_since: state.ready_since,
                     capacity: n.capacity,
                     interruption: state.interruption,
@@ -977,16 +998,17 @@ fn modified_within(path: &Path, window: Duration) -> bool {
 }
 
 /// The address to reach an instance at: one bound to every interface (`0.0.0.0:p`, `[::]:p`)
-/// is reached on loopback.
-fn reachable_address(written: &str) -> Option<String> {
+/// is reached at the node's `reach_host`, else on loopback.
+fn reachable_address(written: &str, reach_host: Option<IpAddr>) -> Option<String> {
     if written.is_empty() {
         return None;
     }
     Some(match written.parse::<SocketAddr>() {
         Ok(mut address) if address.ip().is_unspecified() => {
-            address.set_ip(match address.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            address.set_ip(match (reach_host, address.ip()) {
+                (Some(host), _) => host,
+                (None, IpAddr::V4(_)) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                (None, IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             });
             address.to_string()
         }
@@ -1061,5 +1083,33 @@ impl Placement for LocalPlacement {
     fn changes(&self) -> Changes {
         self.ensure_polling();
         self.inner.notifier.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_bound_to_every_interface_is_reached_at_its_nodes_host() {
+        assert_eq!(
+            reachable_address("0.0.0.0:4000", None).as_deref(),
+            Some("127.0.0.1:4000")
+        );
+        assert_eq!(
+            reachable_address("[::]:4000", None).as_deref(),
+            Some("[::1]:4000")
+        );
+        let host = Some(IpAddr::from([10, 200, 1, 2]));
+        assert_eq!(
+            reachable_address("0.0.0.0:4000", host).as_deref(),
+            Some("10.200.1.2:4000")
+        );
+        // An address the instance chose itself is kept.
+        assert_eq!(
+            reachable_address("192.0.2.7:4000", host).as_deref(),
+            Some("192.0.2.7:4000")
+        );
+        assert_eq!(reachable_address("", host), None);
     }
 }

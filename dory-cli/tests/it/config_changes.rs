@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use crate::support::{
-    Cluster, NodeSpec, all_running, assert_counted_exactly_once, counter_bin, counter_entry,
+    Backends, Cluster, NodeSpec, all_running, assert_counted_exactly_once, counter_bin,
+    counter_entry, now_ms,
 };
 
 const NODES: [NodeSpec; 2] = [
@@ -186,4 +187,72 @@ fn a_bad_entry_is_that_processors_error_and_touches_nothing_else() {
             1
         );
     }
+}
+
+/// The same through the Postgres config source: rows of its `processors` table, nudged by
+/// LISTEN/NOTIFY. Measured from just before the statement to the orchestrator's event.
+#[test]
+fn processors_added_changed_and_removed_in_postgres_are_acted_on_within_a_second() {
+    let Some(counter) = counter_bin() else { return };
+    let Some(mut cluster) = Cluster::build_on(
+        Backends::PostgresRabbitmq,
+        &NODES,
+        &[],
+        "\n[config]\nsource = \"postgres\"\n",
+        |_, _| String::new(),
+    ) else {
+        return;
+    };
+    let spec = |interval_ms: u64| {
+        serde_json::json!({
+            "site": "cloud",
+            "checkpoint_interval": 500,
+            "config": { "interval_ms": interval_ms },
+            "workload": { "command": [counter.display().to_string()] },
+        })
+        .to_string()
+    };
+    const UPSERT: &str = "INSERT INTO processors (id, spec) VALUES ($1, $2::jsonb) \
+                          ON CONFLICT (id) DO UPDATE SET spec = EXCLUDED.spec, updated_at = now()";
+    cluster.pg_execute(UPSERT, &["keep", &spec(20)]);
+    cluster.start_orchestrator();
+    let before = cluster.wait_for("keep running", Duration::from_secs(60), |s| {
+        all_running(s, &["keep"])
+    });
+
+    let written = now_ms();
+    cluster.pg_execute(UPSERT, &["new", &spec(20)]);
+    let took = reaction(&cluster, "new", "begin Start", written);
+    eprintln!("added row: the orchestrator began its start {took} ms after the statement");
+    assert!(took < REACTION_MS, "added: {took} ms\n{}", cluster.logs());
+    let started = cluster.wait_for("new running", START_UP, |s| {
+        all_running(s, &["keep", "new"])
+    });
+
+    let written = now_ms();
+    cluster.pg_execute(UPSERT, &["new", &spec(25)]);
+    let took = reaction(&cluster, "new", "begin Move", written);
+    eprintln!("changed row: the orchestrator began its move {took} ms after the statement");
+    assert!(took < REACTION_MS, "changed: {took} ms\n{}", cluster.logs());
+    cluster.wait_for("new replaced", START_UP, |s| {
+        all_running(s, &["new"]) && s["new"].epoch > started["new"].epoch
+    });
+
+    // A bad row is that processor's error and touches nothing else.
+    cluster.pg_execute(UPSERT, &["bad", r#"{"site": "moon"}"#]);
+    let status = cluster.wait_for("the bad row reported", START_UP, |s| {
+        s.get("bad").is_some_and(|b| b.last_error.is_some())
+    });
+    let error = status["bad"].last_error.clone().unwrap_or_default();
+    assert!(error.contains("site"), "{error}");
+
+    let written = now_ms();
+    cluster.pg_execute("DELETE FROM processors WHERE id = $1", &["new"]);
+    let took = reaction(&cluster, "new", "begin Terminate", written);
+    eprintln!("deleted row: the orchestrator began its termination {took} ms after the statement");
+    assert!(took < REACTION_MS, "removed: {took} ms\n{}", cluster.logs());
+    cluster.wait_until("new gone", START_UP, || {
+        (!cluster.alive_instances().contains_key("new")).then_some(())
+    });
+    assert_eq!(cluster.status()["keep"].epoch, before["keep"].epoch);
 }

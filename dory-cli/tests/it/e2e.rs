@@ -1,8 +1,11 @@
-//! Real orchestrators moving real counter processes on the embedded default.
+//! Real orchestrators moving real counter processes, on the embedded default and on the
+//! Postgres store with the RabbitMQ publisher.
 
 use std::time::Duration;
 
-use crate::support::{Cluster, NodeSpec, all_running, assert_counted_exactly_once, counter_bin};
+use crate::support::{
+    Backends, Cluster, NodeSpec, all_running, assert_counted_exactly_once, counter_bin,
+};
 
 const NODES: [NodeSpec; 3] = [
     NodeSpec {
@@ -21,13 +24,25 @@ const NODES: [NodeSpec; 3] = [
 
 #[test]
 fn drain_moves_every_processor_with_no_gap_and_no_duplicate() {
+    drain_moves_every_processor(Backends::Embedded);
+}
+
+#[test]
+fn drain_moves_every_processor_on_postgres_and_rabbitmq() {
+    drain_moves_every_processor(Backends::PostgresRabbitmq);
+}
+
+fn drain_moves_every_processor(backends: Backends) {
     let Some(counter) = counter_bin() else { return };
     let ids = ["alpha", "beta", "gamma"];
-    let mut cluster = Cluster::new(
+    let Some(mut cluster) = Cluster::new_on(
+        backends,
         &NODES,
         &[("alpha", "cloud"), ("beta", "cloud"), ("gamma", "cloud")],
         &counter,
-    );
+    ) else {
+        return;
+    };
     cluster.start_orchestrator();
     let status = cluster.wait_for("every counter running", Duration::from_secs(60), |s| {
         all_running(s, &ids)
@@ -91,9 +106,25 @@ fn drain_moves_every_processor_with_no_gap_and_no_duplicate() {
 
 #[test]
 fn a_restarted_orchestrator_re_adopts_every_instance() {
+    a_restarted_orchestrator_re_adopts(Backends::Embedded);
+}
+
+#[test]
+fn a_restarted_orchestrator_re_adopts_every_instance_on_postgres_and_rabbitmq() {
+    a_restarted_orchestrator_re_adopts(Backends::PostgresRabbitmq);
+}
+
+fn a_restarted_orchestrator_re_adopts(backends: Backends) {
     let Some(counter) = counter_bin() else { return };
     let ids = ["one", "two"];
-    let mut cluster = Cluster::new(&NODES, &[("one", "cloud"), ("two", "edge")], &counter);
+    let Some(mut cluster) = Cluster::new_on(
+        backends,
+        &NODES,
+        &[("one", "cloud"), ("two", "edge")],
+        &counter,
+    ) else {
+        return;
+    };
     cluster.start_orchestrator();
     let before = cluster.wait_for("both running", Duration::from_secs(60), |s| {
         all_running(s, &ids)

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::support::{
-    Cluster, NodeSpec, Rng, all_running, assert_counted_exactly_once, assert_one_writer,
+    Backends, Cluster, NodeSpec, Rng, all_running, assert_counted_exactly_once, assert_one_writer,
     counter_bin, counter_entry, now_ms,
 };
 
@@ -190,13 +190,26 @@ fn an_orchestrator_killed_at_random_points_of_moves_leaves_one_writer() {
 
 #[test]
 fn a_killed_node_fails_over_after_the_lease_and_reports_the_loss() {
+    a_killed_node_fails_over(Backends::Embedded);
+}
+
+#[test]
+fn a_killed_node_fails_over_on_postgres_and_rabbitmq() {
+    a_killed_node_fails_over(Backends::PostgresRabbitmq);
+}
+
+fn a_killed_node_fails_over(backends: Backends) {
     let Some(counter) = counter_bin() else { return };
     let ids = ["left", "right"];
     let processors: String = ids
         .iter()
         .map(|id| counter_entry(id, "cloud", &counter, CHECKPOINT_MS, STEP_MS, ""))
         .collect();
-    let mut cluster = Cluster::build(&CLOUD[..2], &FAST, &processors);
+    let Some(mut cluster) = Cluster::build_on(backends, &CLOUD[..2], &FAST, &processors, |_, _| {
+        String::new()
+    }) else {
+        return;
+    };
     cluster.start_orchestrator();
     let before = cluster.wait_for("both running", Duration::from_secs(60), |s| {
         all_running(s, &ids)

@@ -1,9 +1,11 @@
 //! The `dory` binary end to end: its command line, and real orchestrators moving real
-//! processor processes on the embedded default.
+//! processor processes on the embedded default and on the Postgres store with the RabbitMQ
+//! publisher, one node of them cut off from the network.
 
 mod cli;
 mod config_changes;
 mod e2e;
 mod faults;
+mod partition;
 mod snapshots;
 mod support;

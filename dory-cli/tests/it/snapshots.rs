@@ -5,8 +5,14 @@ use std::time::Duration;
 use crate::support::{Cluster, NodeSpec, all_running, counter_bin, counter_entry};
 
 const NODES: [NodeSpec; 2] = [
-    NodeSpec { id: "cloud-1", site: "cloud" },
-    NodeSpec { id: "cloud-2", site: "cloud" },
+    NodeSpec {
+        id: "cloud-1",
+        site: "cloud",
+    },
+    NodeSpec {
+        id: "cloud-2",
+        site: "cloud",
+    },
 ];
 
 #[test]
@@ -22,7 +28,11 @@ fn an_exported_state_imported_into_another_processor_continues_there() {
     let file = file.to_str().unwrap();
     cluster.dory_ok(&["snapshots", "source", "export", "--to", file]);
     let inspected: serde_json::Value = serde_json::from_str(&cluster.dory_ok(&[
-        "snapshots", "source", "inspect", "--output", "json",
+        "snapshots",
+        "source",
+        "inspect",
+        "--output",
+        "json",
     ]))
     .unwrap();
     assert_eq!(inspected["processor"], "source", "{inspected}");

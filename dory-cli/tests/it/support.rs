@@ -1,15 +1,23 @@
 //! A cluster on this machine for one test: a `dory.toml` in a temporary directory, the
-//! `dory` binary as the orchestrator, the counter example as the processor.
+//! `dory` binary as the orchestrator, the counter example as the processor, on the embedded
+//! default or on the Postgres store and the RabbitMQ publisher ([`Backends`]).
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dory_core::{NodeId, Ownership, ProcessorId, ProcessorStatus, StateStore as _};
+use dory_core::{
+    Epoch, NodeId, OutputMessage, Ownership, ProcessorId, ProcessorStatus, Sequence,
+    StateStore as _,
+};
 use dory_embedded::OutputLog;
+use lapin::options::{BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
 
 /// The `dory` binary under test.
 pub(crate) fn dory_bin() -> &'static str {
@@ -41,6 +49,196 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where a test cluster keeps its state and sends its output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Backends {
+    /// The embedded default: SQLite and JSON-lines files under the state directory.
+    Embedded,
+    /// `[store] kind = "postgres"` in a schema of the test's own (dropped after it) and
+    /// `[publisher] kind = "rabbitmq"` to an exchange of the test's own, read through a queue
+    /// bound before any processor starts (the counter publishes mandatory).
+    PostgresRabbitmq,
+}
+
+/// The URLs a cluster on [`Backends::PostgresRabbitmq`] gives its instances.
+pub(crate) struct ServiceUrls {
+    /// `[store] url`: the test database with `?schema=`.
+    pub(crate) store: String,
+    /// `[publisher] url`: the test broker with `?exchange=`.
+    pub(crate) publisher: String,
+}
+
+/// One message the test consumer took from the cluster's queue.
+#[derive(Clone, Debug)]
+pub(crate) struct Received {
+    /// The message, from its identity headers and body.
+    pub(crate) message: OutputMessage,
+    /// When the consumer took it (wall clock, ms): an upper bound of its publish time.
+    pub(crate) at_ms: u64,
+}
+
+/// The test's Postgres schema and RabbitMQ exchange, and what the consumer has read.
+struct External {
+    schema: dory_pg::testing::TestSchema,
+    urls: ServiceUrls,
+    exchange: String,
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    received: Arc<Mutex<Vec<Received>>>,
+    /// Deliveries without the identity headers (never expected).
+    bad: Arc<Mutex<Vec<String>>>,
+    consumer: tokio::task::JoinHandle<()>,
+}
+
+impl External {
+    /// A fresh schema and exchange, a queue bound to every routing key of the exchange, and a
+    /// consumer task; `None` when a service is unreachable outside CI (a failure under CI).
+    async fn create() -> Option<External> {
+        let schema = dory_pg::testing::TestSchema::create("e2e", 2).await?;
+        let (broker_url, connection, channel) = dory_amqp::testing::connect("e2e").await?;
+        let exchange = format!(
+            "dory-it-e2e-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the test exchange");
+        // Exclusive: the broker removes it with this connection, even after a panic.
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the output queue")
+            .name()
+            .to_string();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind the output queue");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let bad = Arc::new(Mutex::new(Vec::new()));
+        let consumer = tokio::spawn(consume(
+            channel.clone(),
+            queue,
+            received.clone(),
+            bad.clone(),
+        ));
+        let join = |base: &str, query: String| {
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}{query}")
+        };
+        let urls = ServiceUrls {
+            store: join(
+                &dory_pg::testing::test_database_url(),
+                format!("schema={}", schema.config.schema),
+            ),
+            publisher: join(&broker_url, format!("exchange={exchange}")),
+        };
+        Some(External {
+            schema,
+            urls,
+            exchange,
+            connection,
+            channel,
+            received,
+            bad,
+            consumer,
+        })
+    }
+
+    /// Stops the consumer and deletes the exchange (the queue goes with the connection); the
+    /// schema is dropped with `schema`.
+    async fn clean_up(self) {
+        self.consumer.abort();
+        let _ = self
+            .channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.connection.close(200, "test done".into()).await;
+        drop(self.schema);
+    }
+}
+
+/// Takes every message from `queue` as it comes, stamping each with when it was taken. Polls
+/// with `basic.get` every 5 ms when the queue is empty: simple, and precise enough for the
+/// timings the tests check (hundreds of ms).
+async fn consume(
+    channel: lapin::Channel,
+    queue: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    bad: Arc<Mutex<Vec<String>>>,
+) {
+    loop {
+        let got = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await;
+        match got {
+            Ok(Some(m)) => {
+                let at_ms = now_ms();
+                match output_message(&m.delivery) {
+                    Some(message) => lock(&received).push(Received { message, at_ms }),
+                    None => lock(&bad).push(format!("{:?}", m.delivery.properties)),
+                }
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => {
+                lock(&bad).push(format!("basic.get failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// A delivery as the message its headers and body describe (see `dory-amqp`'s publisher).
+fn output_message(delivery: &lapin::message::Delivery) -> Option<OutputMessage> {
+    let headers = delivery.properties.headers().as_ref()?.inner();
+    let int = |name: &str| match headers.get(name)? {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        _ => None,
+    };
+    let processor = match headers.get(dory_amqp::HEADER_PROCESSOR)? {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        _ => return None,
+    };
+    Some(OutputMessage {
+        processor: ProcessorId::new(&processor).ok()?,
+        epoch: Epoch(int(dory_amqp::HEADER_EPOCH)?),
+        sequence: Sequence(int(dory_amqp::HEADER_SEQUENCE)?),
+        routing_key: Some(delivery.routing_key.to_string()),
+        payload: delivery.data.clone(),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One virtual node.
@@ -94,19 +292,55 @@ pub(crate) struct Cluster {
     /// How many orchestrators were started: names their log files in start order.
     starts: usize,
     nodes: Vec<&'static str>,
+    /// Runs the store reads, the output consumer and whatever a test runs beside the cluster
+    /// (e.g. TCP forwarders).
+    pub(crate) runtime: tokio::runtime::Runtime,
     /// The embedded store opened on the cluster's database, once asked for.
-    store: OnceCell<(tokio::runtime::Runtime, dory_embedded::EmbeddedStore)>,
+    store: OnceCell<dory_embedded::EmbeddedStore>,
+    /// The Postgres schema and RabbitMQ exchange, on [`Backends::PostgresRabbitmq`].
+    external: Option<External>,
 }
 
 impl Cluster {
-    /// Writes the config: fast timings, these nodes, one counter per processor id (a step
-    /// every 20 ms, a checkpoint every 500 ms).
-    pub(crate) fn new(nodes: &[NodeSpec], counters: &[(&str, &str)], counter: &Path) -> Cluster {
+    /// Runs one statement on the test's Postgres schema (the `processors` table of the
+    /// Postgres config source), binding `args` as text; panics without the Postgres backend.
+    pub(crate) fn pg_execute(&self, statement: &str, args: &[&str]) {
+        let pool = self
+            .external
+            .as_ref()
+            .expect("pg_execute needs Backends::PostgresRabbitmq")
+            .schema
+            .store
+            .pool()
+            .clone();
+        let statement = statement.to_string();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        self.runtime.block_on(async move {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.clone()));
+            for arg in args {
+                query = query.bind(arg);
+            }
+            query
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        });
+    }
+
+    /// Writes the config on `backends`: fast timings, these nodes, one counter per processor
+    /// id (a step every 20 ms, a checkpoint every 500 ms); `None` when the backends are
+    /// unreachable outside CI.
+    pub(crate) fn new_on(
+        backends: Backends,
+        nodes: &[NodeSpec],
+        counters: &[(&str, &str)],
+        counter: &Path,
+    ) -> Option<Cluster> {
         let processors: String = counters
             .iter()
             .map(|(id, site)| counter_entry(id, site, counter, 500, 20, ""))
             .collect();
-        Cluster::build(nodes, &[], &processors)
+        Cluster::build_on(backends, nodes, &[], &processors, |_, _| String::new())
     }
 
     /// Writes the config: the default settings with `settings` over them, these nodes, and
@@ -116,6 +350,32 @@ impl Cluster {
         settings: &[(&str, &str)],
         processors: &str,
     ) -> Cluster {
+        Cluster::build_on(Backends::Embedded, nodes, settings, processors, |_, _| {
+            String::new()
+        })
+        .expect("the embedded backends need no service")
+    }
+
+    /// [`Cluster::build`] on `backends`, with `node_extra(node, urls)` (more TOML keys for
+    /// that `[[placement.nodes]]` table, one a line; `urls` are the global ones on
+    /// [`Backends::PostgresRabbitmq`]); `None` when the backends are unreachable outside CI.
+    pub(crate) fn build_on(
+        backends: Backends,
+        nodes: &[NodeSpec],
+        settings: &[(&str, &str)],
+        processors: &str,
+        node_extra: impl Fn(&str, Option<&ServiceUrls>) -> String,
+    ) -> Option<Cluster> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let external = match backends {
+            Backends::Embedded => None,
+            Backends::PostgresRabbitmq => Some(runtime.block_on(External::create())?),
+        };
+        let urls = external.as_ref().map(|e| &e.urls);
         let dir = tempfile::tempdir().expect("temp dir");
         let mut merged: BTreeMap<&str, &str> = SETTINGS.into_iter().collect();
         merged.extend(settings.iter().copied());
@@ -126,21 +386,31 @@ impl Cluster {
         header.push_str("\n[placement]\nkind = \"local\"\n");
         for n in nodes {
             header.push_str(&format!(
-                "[[placement.nodes]]\nid = \"{}\"\nsite = \"{}\"\n",
-                n.id, n.site
+                "[[placement.nodes]]\nid = \"{}\"\nsite = \"{}\"\n{}",
+                n.id,
+                n.site,
+                node_extra(n.id, urls)
+            ));
+        }
+        if let Some(urls) = urls {
+            header.push_str(&format!(
+                "\n[store]\nkind = \"postgres\"\nurl = {:?}\n\n[publisher]\nkind = \"rabbitmq\"\nurl = {:?}\n",
+                urls.store, urls.publisher
             ));
         }
         let config = dir.path().join("dory.toml");
         std::fs::write(&config, format!("{header}{processors}")).expect("write config");
-        Cluster {
+        Some(Cluster {
             dir,
             config,
             header,
             orchestrator: None,
             starts: 0,
             nodes: nodes.iter().map(|n| n.id).collect(),
+            runtime,
             store: OnceCell::new(),
-        }
+            external,
+        })
     }
 
     /// Replaces the processors in `dory.toml` as an editor saves: a new file renamed over the
@@ -338,37 +608,61 @@ impl Cluster {
         record["started_at"].as_u64()
     }
 
-    fn store(&self) -> &(tokio::runtime::Runtime, dory_embedded::EmbeddedStore) {
+    fn embedded_store(&self) -> &dory_embedded::EmbeddedStore {
         self.store.get_or_init(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
             let path = self.dir.path().join("state/dory.db");
-            let db = runtime
+            let db = self
+                .runtime
                 .block_on(dory_embedded::EmbeddedDb::open(&path))
                 .expect("open the embedded database");
-            let store = dory_embedded::EmbeddedStore::new(&db);
-            (runtime, store)
+            dory_embedded::EmbeddedStore::new(&db)
         })
     }
 
-    /// A processor's ownership row, read from the embedded store.
+    /// A processor's ownership row, read from the cluster's store.
     pub(crate) fn ownership(&self, processor: &str) -> Option<Ownership> {
-        let (runtime, store) = self.store();
         let id = ProcessorId::new(processor).expect("id");
-        runtime
-            .block_on(store.ownership(&id))
-            .expect("read an ownership row")
+        let row = match &self.external {
+            Some(e) => self.runtime.block_on(e.schema.store.ownership(&id)),
+            None => self.runtime.block_on(self.embedded_store().ownership(&id)),
+        };
+        row.expect("read an ownership row")
     }
 
-    /// The output of one processor.
+    /// The output of one processor: its file, or what the consumer has taken from the
+    /// cluster's queue, in the order the broker delivered it.
     pub(crate) fn output(&self, processor: &str) -> OutputLog {
-        dory_embedded::read_output(
-            &self.dir.path().join("state/output"),
-            &ProcessorId::new(processor).expect("id"),
-        )
-        .expect("read output")
+        let Some(external) = &self.external else {
+            return dory_embedded::read_output(
+                &self.dir.path().join("state/output"),
+                &ProcessorId::new(processor).expect("id"),
+            )
+            .expect("read output");
+        };
+        let bad = lock(&external.bad).clone();
+        assert!(
+            bad.is_empty(),
+            "deliveries that are not Dory messages: {bad:?}"
+        );
+        OutputLog {
+            messages: self
+                .received(processor)
+                .into_iter()
+                .map(|r| r.message)
+                .collect(),
+            damaged: Vec::new(),
+        }
+    }
+
+    /// What the consumer has taken of `processor`'s output, with when (the RabbitMQ
+    /// publisher only).
+    pub(crate) fn received(&self, processor: &str) -> Vec<Received> {
+        let external = self.external.as_ref().expect("a cluster on RabbitMQ");
+        lock(&external.received)
+            .iter()
+            .filter(|r| r.message.processor.as_str() == processor)
+            .cloned()
+            .collect()
     }
 
     /// Every orchestrator log, in start order.
@@ -442,6 +736,10 @@ impl Drop for Cluster {
         let nodes = dory_local::LocalNodes::new(self.dir.path().join("state"));
         for n in &self.nodes {
             let _ = nodes.kill_node(&NodeId::new(*n));
+        }
+        // After every process is gone, so nothing recreates what is dropped.
+        if let Some(external) = self.external.take() {
+            self.runtime.block_on(external.clean_up());
         }
     }
 }

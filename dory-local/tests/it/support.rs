@@ -39,6 +39,9 @@ impl Scratch {
                     site: Site::Edge,
                     capacity: Resources::new(2000, 1024),
                     exec_prefix: vec![],
+                    store_url: None,
+                    publisher_url: None,
+                    reach_host: None,
                 },
                 LocalNode {
                     id: NodeId::new("cloud-1"),
@@ -46,6 +49,9 @@ impl Scratch {
                     capacity: Resources::new(8000, 8192),
                     // A harmless prefix, to show that it is put in front of the command.
                     exec_prefix: vec!["env".into(), "DORY_TEST_PREFIX=cloud".into()],
+                    store_url: None,
+                    publisher_url: None,
+                    reach_host: None,
                 },
             ],
             supervisor: vec![env!("CARGO_BIN_EXE_dory-supervise").into()],

@@ -7,8 +7,8 @@ use dory_core::{Phase, Placement};
 use rustix::process::Signal;
 
 use crate::support::{
-    REPORT_ADDRESS, Responder, Scratch, edge, ended, file, instance, pid, request, running, spec,
-    supervisor_pid, until,
+    REPORT_ADDRESS, Responder, Scratch, edge, ended, file, gone, instance, pid, request, running,
+    spec, supervisor_pid, until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +85,7 @@ async fn a_new_placement_re_adopts_running_instances_and_reports_exits_that_happ
     }
     // What its supervisor left running is killed: a failed instance is gone.
     assert!(
-        !running(doomed_program),
+        gone(doomed_program).await,
         "the unsupervised program was killed"
     );
     // Nothing was started again.
@@ -153,9 +153,9 @@ async fn a_launch_interrupted_before_its_supervisor_was_recorded_is_adopted() {
         other => panic!("{other:?}"),
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!running(program), "the program was killed with its node");
+    assert!(gone(program).await, "the program was killed with its node");
     assert!(
-        !running(supervisor),
+        gone(supervisor).await,
         "the supervisor was killed with its node"
     );
 }

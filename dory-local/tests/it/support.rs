@@ -200,6 +200,19 @@ pub(crate) fn running(pid: u32) -> bool {
         .is_some_and(|s| s.state != 'Z')
 }
 
+/// Whether `pid` is gone within 5 s: a SIGKILL takes effect when the process next runs, which
+/// on a loaded machine may be a little after the kill returned.
+pub(crate) async fn gone(pid: u32) -> bool {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while running(pid) {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    true
+}
+
 /// Plays an instance's `GET /healthz` on a loopback port: it answers every request with the
 /// phase set here and `epoch`.
 pub(crate) struct Responder {

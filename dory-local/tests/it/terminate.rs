@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use dory_core::{Epoch, Error, Phase, Placement};
 
-use crate::support::{Scratch, edge, ended, file, instance, pid, request, running, spec, until};
+use crate::support::{
+    Scratch, edge, ended, file, gone, instance, pid, request, running, spec, until,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_asks_first_and_kills_after_the_grace_period() {
@@ -80,7 +82,7 @@ async fn terminate_asks_first_and_kills_after_the_grace_period() {
         Phase::Exited { code: 137 }
     );
     assert!(asked.elapsed() >= grace);
-    assert!(!running(program), "the whole process group was killed");
+    assert!(gone(program).await, "the whole process group was killed");
     // Terminating an ended instance is fine; an unknown one is not found.
     placement
         .terminate(&pid("stubborn"), Epoch(1), grace)

@@ -159,6 +159,17 @@ impl Ownership {
     }
 }
 
+/// A release of `epoch` given the current `owner`: `Ok(true)` when `epoch` owns and the store
+/// must clear the owner and its lease, `Ok(false)` when nothing owns (released already: a
+/// retried release succeeds), [`Conflict`](Error::Conflict) when another epoch owns.
+pub fn check_release(what: &str, owner: Option<Epoch>, epoch: Epoch) -> Result<bool> {
+    match owner {
+        None => Ok(false),
+        Some(owner) if owner == epoch => Ok(true),
+        Some(owner) => Err(Error::conflict(format!("{what}: {owner} owns it"))),
+    }
+}
+
 /// An optional epoch for messages.
 pub fn show(epoch: Option<Epoch>) -> String {
     epoch.map_or_else(|| "none".to_string(), |e| e.to_string())
@@ -242,6 +253,15 @@ mod tests {
         );
         assert!(matches!(
             r.check_commit("commit", Epoch(1), Epoch(3), Sequence(10)),
+            Err(Error::Conflict(_))
+        ));
+        assert_eq!(
+            check_release("release", Some(Epoch(2)), Epoch(2)).ok(),
+            Some(true)
+        );
+        assert_eq!(check_release("release", None, Epoch(2)).ok(), Some(false));
+        assert!(matches!(
+            check_release("release", Some(Epoch(3)), Epoch(2)),
             Err(Error::Conflict(_))
         ));
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dory_core::columns::{count, timestamp};
-use dory_core::ownership::{OwnershipColumns, OwnershipRules, RulesColumns};
+use dory_core::ownership::{self, OwnershipColumns, OwnershipRules, RulesColumns};
 use dory_core::snapshot::MetaColumns;
 use dory_core::{
     Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
@@ -255,22 +255,18 @@ impl StateStore for EmbeddedStore {
             let row = fetch_row(&mut tx, processor, now, &what)
                 .await?
                 .ok_or_else(|| Error::not_found(format!("{what}: no ownership row")))?;
-            match row.owner {
-                // Releasing what nothing owns is done already: a retried release succeeds.
-                None => Ok(()),
-                Some(owner) if owner == epoch => {
-                    sqlx::query(
-                        "UPDATE ownership SET owner = NULL, lease_expires = NULL WHERE processor = ?1",
-                    )
-                    .bind(processor.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(sql(&what))?;
-                    tx.commit().await.map_err(sql(&what))?;
-                    Ok(())
-                }
-                Some(owner) => Err(Error::conflict(format!("{what}: {owner} owns it"))),
+            if !ownership::check_release(&what, row.owner, epoch)? {
+                return Ok(());
             }
+            sqlx::query(
+                "UPDATE ownership SET owner = NULL, lease_expires = NULL WHERE processor = ?1",
+            )
+            .bind(processor.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(sql(&what))?;
+            tx.commit().await.map_err(sql(&what))?;
+            Ok(())
         })
         .await
     }

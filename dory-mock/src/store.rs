@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dory_core::ownership::OwnershipRules;
+use dory_core::ownership::{self, OwnershipRules};
 use dory_core::testing::SnapshotCorruptor;
 use dory_core::{
     Clock, Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
@@ -309,16 +309,11 @@ impl StateStore for MemoryStore {
             .rows
             .get_mut(processor)
             .ok_or_else(|| Error::not_found(format!("{}: no ownership row", what())))?;
-        match row.owner {
-            // Releasing what nothing owns is done already: a retried release succeeds.
-            None => Ok(()),
-            Some(owner) if owner == epoch => {
-                row.owner = None;
-                row.lease_expires = None;
-                Ok(())
-            }
-            Some(owner) => Err(Error::conflict(format!("{}: {owner} owns it", what()))),
+        if ownership::check_release(&what(), row.owner, epoch)? {
+            row.owner = None;
+            row.lease_expires = None;
         }
+        Ok(())
     }
 
     async fn put_checkpoint(

@@ -244,6 +244,20 @@ impl HttpControl {
         }
     }
 
+    /// A snapshot answer, within the snapshot size limit.
+    async fn fetch_route(&self, instance: &Instance, route: Route) -> Result<Vec<u8>> {
+        let bytes = self
+            .call(
+                instance,
+                route,
+                None,
+                Duration::ZERO,
+                self.settings.max_snapshot_bytes,
+            )
+            .await?;
+        Ok(Vec::from(bytes))
+    }
+
     async fn call_json<T: DeserializeOwned>(
         &self,
         instance: &Instance,
@@ -343,12 +357,22 @@ impl InstanceControl for HttpControl {
     }
 
     async fn fetch(&self, instance: &Instance) -> Result<Vec<u8>> {
+        self.fetch_route(instance, Route::Fetch).await
+    }
+
+    async fn fetch_full(&self, instance: &Instance) -> Result<Vec<u8>> {
+        self.fetch_route(instance, Route::FetchFull).await
+    }
+
+    async fn precopy(&self, instance: &Instance, timeout: Duration) -> Result<Vec<u8>> {
+        let request = serde_json::to_vec(&FreezeRequest { timeout })
+            .map_err(|e| Error::invalid(format!("could not encode the pre-copy request: {e}")))?;
         let bytes = self
             .call(
                 instance,
-                Route::Fetch,
-                None,
-                Duration::ZERO,
+                Route::PreCopy,
+                Some((CONTENT_TYPE_JSON, Bytes::from(request))),
+                timeout,
                 self.settings.max_snapshot_bytes,
             )
             .await?;

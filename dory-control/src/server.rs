@@ -78,6 +78,23 @@ pub trait InstanceEndpoint: Send + Sync + 'static {
 
     /// Starts the run loop (`POST /state/resume`).
     async fn resume(&self) -> Result<()>;
+
+    /// Stores a full checkpoint at the next safe point and keeps running (`POST
+    /// /state/precopy`); answers the stored snapshot, the base of the delta the next freeze
+    /// takes. The router bounds it by the request's timeout. An endpoint that cannot
+    /// pre-copy answers [`Error::Conflict`], and the orchestrator moves without it.
+    async fn precopy(&self, timeout: Duration) -> Result<Bytes> {
+        let _ = timeout;
+        Err(dory_core::Error::conflict(
+            "this instance does not pre-copy",
+        ))
+    }
+
+    /// The frozen state as a full snapshot (`GET /state/full`), for when the delta that
+    /// [`snapshot`](Self::snapshot) answers cannot be used.
+    async fn full_snapshot(&self) -> Result<Bytes> {
+        self.snapshot().await
+    }
 }
 
 /// How the [`router`] guards the state routes.
@@ -150,6 +167,8 @@ pub fn router(endpoint: Arc<dyn InstanceEndpoint>, settings: ServerSettings) -> 
         .route(wire::STATE_FREEZE, post(freeze))
         .route(wire::STATE, get(fetch).put(load))
         .route(wire::STATE_RESUME, post(resume))
+        .route(wire::STATE_PRECOPY, post(precopy))
+        .route(wire::STATE_FULL, get(fetch_full))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authorize));
     Router::new()
         .route(wire::HEALTHZ, get(health))
@@ -307,30 +326,42 @@ async fn metrics(State(shared): SharedState) -> Response {
         .into_response()
 }
 
+/// The timeout of a freeze or pre-copy request (`{"timeout_ms": …}`, or empty for the
+/// default), within the server's longest.
+async fn safe_point_timeout(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+) -> std::result::Result<Duration, Failure> {
+    let body = read_body(headers, body, CONTROL_BODY_LIMIT, what).await?;
+    let request = if body.iter().all(u8::is_ascii_whitespace) {
+        FreezeRequest {
+            timeout: DEFAULT_FREEZE_TIMEOUT,
+        }
+    } else {
+        serde_json::from_slice::<FreezeRequest>(&body).map_err(|e| {
+            Failure::new(
+                ErrorKind::Invalid,
+                format!("{what} is not {{\"timeout_ms\": <integer>}}: {e}"),
+            )
+        })?
+    };
+    let timeout = request.timeout;
+    let max = shared.settings.max_freeze_timeout;
+    if timeout > max {
+        return Err(Failure::new(
+            ErrorKind::Invalid,
+            format!("{what}: timeout {timeout:?} is over the longest allowed, {max:?}"),
+        ));
+    }
+    Ok(timeout)
+}
+
 async fn freeze(State(shared): SharedState, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let outcome = async {
-        let body = read_body(&headers, body, CONTROL_BODY_LIMIT, "freeze request").await?;
-        let request = if body.iter().all(u8::is_ascii_whitespace) {
-            FreezeRequest {
-                timeout: DEFAULT_FREEZE_TIMEOUT,
-            }
-        } else {
-            serde_json::from_slice::<FreezeRequest>(&body).map_err(|e| {
-                Failure::new(
-                    ErrorKind::Invalid,
-                    format!("freeze request is not {{\"timeout_ms\": <integer>}}: {e}"),
-                )
-            })?
-        };
-        let timeout = request.timeout;
-        let max = shared.settings.max_freeze_timeout;
-        if timeout > max {
-            return Err(Failure::new(
-                ErrorKind::Invalid,
-                format!("freeze timeout {timeout:?} is over the longest allowed, {max:?}"),
-            ));
-        }
+        let timeout = safe_point_timeout(&shared, &headers, body, "freeze request").await?;
         // Dropping the endpoint's future withdraws the freeze (its contract), so the deadline
         // holds even for a processor stuck in user code.
         match tokio::time::timeout(timeout, shared.endpoint.freeze(timeout)).await {
@@ -351,10 +382,40 @@ async fn freeze(State(shared): SharedState, headers: HeaderMap, body: Body) -> R
     }
 }
 
+async fn precopy(State(shared): SharedState, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let outcome = async {
+        let timeout = safe_point_timeout(&shared, &headers, body, "pre-copy request").await?;
+        match tokio::time::timeout(timeout, shared.endpoint.precopy(timeout)).await {
+            Ok(stored) => Ok(stored?),
+            Err(_) => Err(Failure::new(
+                ErrorKind::Timeout,
+                format!("no safe point reached within {timeout:?}; the pre-copy was withdrawn"),
+            )),
+        }
+    }
+    .await;
+    snapshot_response(Route::PreCopy, started, outcome)
+}
+
 async fn fetch(State(shared): SharedState) -> Response {
     let started = Instant::now();
     let outcome = shared.endpoint.snapshot().await.map_err(Failure::from);
-    log_outcome(Route::Fetch, started, &outcome);
+    snapshot_response(Route::Fetch, started, outcome)
+}
+
+async fn fetch_full(State(shared): SharedState) -> Response {
+    let started = Instant::now();
+    let outcome = shared.endpoint.full_snapshot().await.map_err(Failure::from);
+    snapshot_response(Route::FetchFull, started, outcome)
+}
+
+fn snapshot_response(
+    route: Route,
+    started: Instant,
+    outcome: std::result::Result<Bytes, Failure>,
+) -> Response {
+    log_outcome(route, started, &outcome);
     match outcome {
         Ok(bytes) => ([(CONTENT_TYPE, CONTENT_TYPE_SNAPSHOT)], bytes).into_response(),
         Err(failure) => failure.into_response(),

@@ -9,7 +9,9 @@
 //! | `GET /readyz` | no | — | 200, [`Readiness`] as JSON (503 with an [`ErrorBody`] when not ready) |
 //! | `GET /metrics` | no | — | 200, Prometheus text ([`CONTENT_TYPE_METRICS`]) |
 //! | `POST /state/freeze` | yes | [`FreezeRequest`] as JSON (empty: [`DEFAULT_FREEZE_TIMEOUT`]) | 200, [`SnapshotMeta`] as JSON |
-//! | `GET /state` | yes | — | 200, the encoded snapshot ([`CONTENT_TYPE_SNAPSHOT`]) |
+//! | `POST /state/precopy` | yes | [`FreezeRequest`] as JSON (empty: [`DEFAULT_FREEZE_TIMEOUT`]) | 200, the full checkpoint just stored ([`CONTENT_TYPE_SNAPSHOT`]) |
+//! | `GET /state` | yes | — | 200, the encoded snapshot ([`CONTENT_TYPE_SNAPSHOT`]): a delta against the last pre-copy when there was one |
+//! | `GET /state/full` | yes | — | 200, the frozen state as a full snapshot |
 //! | `PUT /state` | yes | the encoded snapshot, at most the server's body limit | 204 |
 //! | `POST /state/resume` | yes | — | 204 |
 //!
@@ -57,6 +59,11 @@ pub const STATE: &str = "/state";
 pub const STATE_FREEZE: &str = "/state/freeze";
 /// `POST`: start (or restart) the run loop.
 pub const STATE_RESUME: &str = "/state/resume";
+/// `POST`: store a full checkpoint at the next safe point, keep running, answer its bytes (the
+/// base a pre-copy move loads into the replacement before the freeze).
+pub const STATE_PRECOPY: &str = "/state/precopy";
+/// `GET`: the frozen state as a full snapshot, even when `GET /state` answers a delta.
+pub const STATE_FULL: &str = "/state/full";
 
 /// The authentication scheme of the state routes' `Authorization` header.
 pub const BEARER_SCHEME: &str = "Bearer";
@@ -92,11 +99,15 @@ pub enum Route {
     Load,
     /// `POST /state/resume`.
     Resume,
+    /// `POST /state/precopy`.
+    PreCopy,
+    /// `GET /state/full`.
+    FetchFull,
 }
 
 impl Route {
     /// Every route.
-    pub const ALL: [Route; 7] = [
+    pub const ALL: [Route; 9] = [
         Route::Health,
         Route::Ready,
         Route::Metrics,
@@ -104,13 +115,17 @@ impl Route {
         Route::Fetch,
         Route::Load,
         Route::Resume,
+        Route::PreCopy,
+        Route::FetchFull,
     ];
 
     /// The HTTP method.
     pub fn method(self) -> Method {
         match self {
-            Route::Health | Route::Ready | Route::Metrics | Route::Fetch => Method::GET,
-            Route::Freeze | Route::Resume => Method::POST,
+            Route::Health | Route::Ready | Route::Metrics | Route::Fetch | Route::FetchFull => {
+                Method::GET
+            }
+            Route::Freeze | Route::Resume | Route::PreCopy => Method::POST,
             Route::Load => Method::PUT,
         }
     }
@@ -124,6 +139,8 @@ impl Route {
             Route::Freeze => STATE_FREEZE,
             Route::Fetch | Route::Load => STATE,
             Route::Resume => STATE_RESUME,
+            Route::PreCopy => STATE_PRECOPY,
+            Route::FetchFull => STATE_FULL,
         }
     }
 
@@ -131,7 +148,12 @@ impl Route {
     pub fn needs_token(self) -> bool {
         matches!(
             self,
-            Route::Freeze | Route::Fetch | Route::Load | Route::Resume
+            Route::Freeze
+                | Route::Fetch
+                | Route::Load
+                | Route::Resume
+                | Route::PreCopy
+                | Route::FetchFull
         )
     }
 
@@ -145,6 +167,8 @@ impl Route {
             Route::Fetch => "fetch snapshot",
             Route::Load => "load snapshot",
             Route::Resume => "resume",
+            Route::PreCopy => "pre-copy",
+            Route::FetchFull => "fetch full snapshot",
         }
     }
 }

@@ -212,6 +212,24 @@ pub trait InstanceControl: Send + Sync + 'static {
 
     /// Starts the run loop of a standby or frozen instance.
     async fn resume(&self, instance: &Instance) -> Result<()>;
+
+    /// Has the running `instance` store a full checkpoint at its next safe point (within
+    /// `timeout`) and keep running; returns the stored snapshot. A pre-copy move loads it into
+    /// the replacement before the freeze, so the freeze sends only what changed since (a
+    /// delta). An instance or backend that cannot pre-copy answers
+    /// [`Conflict`](crate::Error::Conflict) (the default), and the move sends the whole state.
+    async fn precopy(&self, instance: &Instance, timeout: Duration) -> Result<Vec<u8>> {
+        let _ = (instance, timeout);
+        Err(crate::Error::conflict(
+            "this instance control does not pre-copy",
+        ))
+    }
+
+    /// The frozen `instance`'s state as a full snapshot, for when the delta
+    /// [`fetch`](Self::fetch) answered cannot be used.
+    async fn fetch_full(&self, instance: &Instance) -> Result<Vec<u8>> {
+        self.fetch(instance).await
+    }
 }
 
 /// Ownership and snapshots: the ground truth of who may write a processor's state.

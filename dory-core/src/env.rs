@@ -40,8 +40,27 @@ pub const CONFIG: &str = "DORY_CONFIG";
 /// placement that starts instances with `DORY_PORT=0` (the local one) learns the port each got.
 pub const ADDRESS_FILE: &str = "DORY_ADDRESS_FILE";
 
+/// `DORY_HOST` (optional): the host the instance's endpoint server binds, [`DEFAULT_HOST`]
+/// when unset or empty. A placement sets it when its instances share one network namespace
+/// but each has an address of its own: the Kubernetes placement's test kubelet gives every pod
+/// its own loopback address (all of 127/8 is loopback on Linux) with the same SDK port, as
+/// pods on a cluster each have their own IP.
+pub const HOST: &str = "DORY_HOST";
+
 /// The default endpoint port.
 pub const DEFAULT_PORT: u16 = 8080;
+
+/// The default of [`HOST`]: every interface.
+pub const DEFAULT_HOST: &str = "0.0.0.0";
+
+/// The host the endpoint server binds: [`HOST`] read through `get` (e.g.
+/// `|k| std::env::var(k).ok()`), else [`DEFAULT_HOST`].
+pub fn bind_host(get: impl Fn(&str) -> Option<String>) -> String {
+    get(HOST)
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| DEFAULT_HOST.to_string())
+}
 
 /// Everything an instance is started with.
 #[derive(Clone, PartialEq)]
@@ -282,6 +301,14 @@ mod tests {
         assert!(!vars.contains_key(ADDRESS_FILE));
         let back = InstanceEnv::from_vars(|k| vars.get(k).cloned()).unwrap();
         assert_eq!(back, env);
+    }
+
+    #[test]
+    fn the_bind_host_defaults_to_every_interface() {
+        let vars = BTreeMap::from([(HOST.to_string(), "127.0.3.4".to_string())]);
+        assert_eq!(bind_host(|k| vars.get(k).cloned()), "127.0.3.4");
+        assert_eq!(bind_host(|_| None), "0.0.0.0");
+        assert_eq!(bind_host(|_| Some("  ".into())), "0.0.0.0");
     }
 
     #[test]

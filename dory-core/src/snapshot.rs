@@ -33,6 +33,10 @@
 //! | 55       | `n`              | processor id   | a valid [`ProcessorId`] (ASCII)                      |
 //! | 55 + `n` | `compressed_len` | body           | a zstd frame; nothing may follow it                 |
 //!
+//! A delta snapshot (kind 1) has the same header; its `raw_len` is the whole state's, and its
+//! body names its base and carries only the chunks that changed (see [`Encoder::encode_delta`]
+//! and [`apply_delta`]).
+//!
 //! ```
 //! use std::collections::BTreeMap;
 //!
@@ -65,6 +69,9 @@ use crate::error::{Error, Result};
 use crate::model::{Epoch, ProcessorId, Sequence, SnapshotMeta, StoredSnapshot, Timestamp};
 
 mod bounded;
+mod delta;
+
+pub use delta::{Base, CHUNK_SIZE, DeltaBase, apply_delta, delta_base, resolve_delta};
 
 /// The first eight bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"DORYSNAP";
@@ -136,13 +143,15 @@ impl fmt::Display for Codec {
     }
 }
 
-/// What a snapshot holds. Only full snapshots exist today; the kind is stored in the header so
-/// that a later pre-copy "delta" snapshot fits the same format.
+/// What a snapshot holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SnapshotKind {
     /// The whole state.
     Full = 0,
+    /// The changes from a full snapshot, its base (a pre-copy move's final snapshot; see
+    /// [`Encoder::encode_delta`]).
+    Delta = 1,
 }
 
 impl SnapshotKind {
@@ -158,8 +167,9 @@ impl TryFrom<u16> for SnapshotKind {
     fn try_from(id: u16) -> Result<Self> {
         match id {
             0 => Ok(SnapshotKind::Full),
+            1 => Ok(SnapshotKind::Delta),
             _ => Err(Error::invalid(format!(
-                "unknown snapshot kind {id} (known: 0 full)"
+                "unknown snapshot kind {id} (known: 0 full, 1 delta)"
             ))),
         }
     }
@@ -169,6 +179,7 @@ impl fmt::Display for SnapshotKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SnapshotKind::Full => "full",
+            SnapshotKind::Delta => "delta",
         })
     }
 }
@@ -209,6 +220,17 @@ impl SnapshotHeader {
             "snapshot of processor {} epoch {}: {what}",
             self.processor, self.epoch
         ))
+    }
+
+    /// A delta cannot be read on its own: it needs its base ([`apply_delta`]).
+    fn require_full(&self) -> Result<()> {
+        match self.kind {
+            SnapshotKind::Full => Ok(()),
+            SnapshotKind::Delta => Err(self.invalid(format!(
+                "sequence {} is a delta snapshot; it is read together with its base (apply_delta)",
+                self.sequence
+            ))),
+        }
     }
 
     /// Writes the header into `out`, which is exactly [`Self::len`] bytes long.
@@ -347,14 +369,7 @@ impl Encoder {
         sequence: Sequence,
         state: &T,
     ) -> Result<Vec<u8>> {
-        let body = bincode::serde::encode_to_vec(state, bincode::config::standard()).map_err(
-            |e| {
-                Error::invalid(format!(
-                    "snapshot of processor {processor} epoch {epoch}: state of type {} cannot be serialized with bincode: {e}",
-                    type_name::<T>()
-                ))
-            },
-        )?;
+        let body = serialize_state(processor, epoch, state)?;
         self.encode_body(processor, epoch, sequence, Codec::Bincode, &body)
     }
 }
@@ -453,6 +468,7 @@ pub fn verify(bytes: &[u8]) -> Result<SnapshotHeader> {
 /// `raw_len` bytes; anything claiming more than `limits` allows is refused before allocating.
 pub fn decode_body(bytes: &[u8], limits: &Limits) -> Result<(SnapshotHeader, Vec<u8>)> {
     let header = verify(bytes)?;
+    header.require_full()?;
     let body = decompress(&header, &bytes[header.len()..], limits)?;
     Ok((header, body))
 }
@@ -464,15 +480,36 @@ pub fn decode_state<T: DeserializeOwned>(
     bytes: &[u8],
     limits: &Limits,
 ) -> Result<(SnapshotHeader, T)> {
-    let header = verify(bytes)?;
+    let (header, body) = decode_body(bytes, limits)?;
+    let state = decode_state_body(&header, &body)?;
+    Ok((header, state))
+}
+
+/// Serializes `state` as [`Encoder::encode_state`] does, into the body that
+/// [`Encoder::encode_body`] (or [`Encoder::encode_delta`]) then encodes with [`Codec::Bincode`].
+pub fn serialize_state<T: Serialize>(
+    processor: &ProcessorId,
+    epoch: Epoch,
+    state: &T,
+) -> Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(state, bincode::config::standard()).map_err(|e| {
+        Error::invalid(format!(
+            "snapshot of processor {processor} epoch {epoch}: state of type {} cannot be serialized with bincode: {e}",
+            type_name::<T>()
+        ))
+    })
+}
+
+/// Deserializes a decompressed [`Codec::Bincode`] body (from [`decode_body`] or
+/// [`apply_delta`]) of the snapshot `header` describes; any other codec is an error naming it.
+pub fn decode_state_body<T: DeserializeOwned>(header: &SnapshotHeader, body: &[u8]) -> Result<T> {
     if header.codec != Codec::Bincode {
         return Err(header.invalid(format!(
             "codec {} is not Rust state (only bincode is); read the body with decode_body",
             header.codec
         )));
     }
-    let body = decompress(&header, &bytes[header.len()..], limits)?;
-    let (state, used) = bounded::decode::<T>(&body).map_err(|e| {
+    let (state, used) = bounded::decode::<T>(body).map_err(|e| {
         let why = match e {
             bincode::error::DecodeError::UnexpectedEnd { .. } => {
                 "it needs more bytes than the body holds".to_string()
@@ -491,7 +528,7 @@ pub fn decode_state<T: DeserializeOwned>(
             body.len()
         )));
     }
-    Ok((header, state))
+    Ok(state)
 }
 
 /// A stored snapshot's metadata as a SQL store reads it, column by column, in the order
@@ -561,6 +598,24 @@ impl StoredSnapshot {
             },
             bytes,
         })
+    }
+
+    /// The base a delta snapshot needs (`None` for a full one): a store committing a delta
+    /// checks that the base is stored, and keeps it while the delta is kept.
+    pub fn delta_base(&self) -> Result<Option<DeltaBase>> {
+        delta_base(&self.bytes)
+    }
+
+    /// [`check_incoming`](Self::check_incoming) for a checkpoint from its owner, which is
+    /// always a full snapshot (only a move commits a delta).
+    pub fn check_checkpoint(&self, what: &str) -> Result<()> {
+        self.check_incoming(self.meta.epoch, what)?;
+        if self.delta_base()?.is_some() {
+            return Err(Error::invalid(format!(
+                "{what}: a checkpoint is a full snapshot, this is a delta"
+            )));
+        }
+        Ok(())
     }
 
     /// Checks a snapshot handed to a state store before anything is written: the bytes

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dory_core::columns::{count, timestamp};
 use dory_core::ownership::{self, OwnershipColumns, OwnershipRules, RulesColumns};
-use dory_core::snapshot::MetaColumns;
+use dory_core::snapshot::{DeltaBase, MetaColumns};
 use dory_core::{
     Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
     StoredSnapshot, Term, Timestamp,
@@ -109,18 +109,38 @@ async fn grant(
     Ok(timestamp(expires))
 }
 
-/// Stores `snapshot` under its metadata's key and makes it the committed checkpoint.
+/// Stores `snapshot` under its metadata's key and makes it the committed checkpoint; a delta
+/// is stored only beside its base (`base`, from the snapshot), which it names.
 async fn store_checkpoint(
     tx: &mut SqliteConnection,
     snapshot: &StoredSnapshot,
+    base: Option<DeltaBase>,
     now: i64,
     what: &str,
 ) -> Result<()> {
     let meta = &snapshot.meta;
     let (epoch, sequence) = (db(meta.epoch.0, what)?, db(meta.sequence.0, what)?);
+    let base = match base {
+        Some(base) => {
+            let key = (db(base.epoch.0, what)?, db(base.sequence.0, what)?);
+            let stored: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM snapshots WHERE processor = ?1 AND epoch = ?2 AND sequence = ?3",
+            )
+            .bind(meta.processor.as_str())
+            .bind(key.0)
+            .bind(key.1)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql(what))?;
+            stored.ok_or_else(|| base.missing(what))?;
+            Some(key)
+        }
+        None => None,
+    };
     sqlx::query(
-        "INSERT INTO snapshots (processor, epoch, sequence, size, created_at, body) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO snapshots \
+         (processor, epoch, sequence, size, created_at, body, base_epoch, base_sequence) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .bind(meta.processor.as_str())
     .bind(epoch)
@@ -128,6 +148,8 @@ async fn store_checkpoint(
     .bind(db(snapshot.bytes.len() as u64, what)?)
     .bind(now)
     .bind(snapshot.bytes.as_slice())
+    .bind(base.map(|b| b.0))
+    .bind(base.map(|b| b.1))
     .execute(&mut *tx)
     .await
     .map_err(sql(what))?;
@@ -230,6 +252,7 @@ impl StateStore for EmbeddedStore {
         let what = format!("commit_move of {processor} from {from} to {to} at {sequence}");
         logged(&what, async {
             snapshot.check_incoming(from, &what)?;
+            let base = snapshot.delta_base()?;
             let mut tx = self.db.begin_write(&what).await?;
             let now = now_ms();
             check_term(&mut tx, term, &what).await?;
@@ -238,7 +261,7 @@ impl StateStore for EmbeddedStore {
                 .ok_or_else(|| Error::not_found(format!("{what}: no ownership row")))?;
             row.check_commit(&what, from, to, sequence)?;
             set_owner(&mut tx, processor, to, &what).await?;
-            store_checkpoint(&mut tx, snapshot, now, &what).await?;
+            store_checkpoint(&mut tx, snapshot, base, now, &what).await?;
             grant(&mut tx, processor, lease, now, &what).await?;
             tx.commit().await.map_err(sql(&what))?;
             Ok(())
@@ -283,7 +306,7 @@ impl StateStore for EmbeddedStore {
         );
         let what = format!("put_checkpoint of {processor} {epoch} {sequence}");
         logged(&what, async {
-            snapshot.check_incoming(epoch, &what)?;
+            snapshot.check_checkpoint(&what)?;
             let mut tx = self.db.begin_write(&what).await?;
             let now = now_ms();
             let row = fetch_row(&mut tx, processor, now, &what)
@@ -311,7 +334,7 @@ impl StateStore for EmbeddedStore {
                 }
             }
             row.check_above_committed(&what, sequence)?;
-            store_checkpoint(&mut tx, snapshot, now, &what).await?;
+            store_checkpoint(&mut tx, snapshot, None, now, &what).await?;
             let expires = grant(&mut tx, processor, lease, now, &what).await?;
             tx.commit().await.map_err(sql(&what))?;
             Ok(expires)
@@ -449,7 +472,11 @@ impl StateStore for EmbeddedStore {
                    AND NOT EXISTS ( \
                        SELECT 1 FROM ownership o WHERE o.processor = ?1 \
                        AND o.committed_epoch = snapshots.epoch \
-                       AND o.committed_seq = snapshots.sequence)",
+                       AND o.committed_seq = snapshots.sequence) \
+                   AND NOT EXISTS ( \
+                       SELECT 1 FROM snapshots d WHERE d.processor = ?1 \
+                       AND d.base_epoch = snapshots.epoch \
+                       AND d.base_sequence = snapshots.sequence)",
             )
             .bind(processor.as_str())
             .bind(keep)

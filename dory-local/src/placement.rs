@@ -42,7 +42,7 @@ const FIRST_POLL_WAIT: Duration = Duration::from_secs(5);
 
 /// The `DORY_*` variables of the instance environment contract: removed from what an
 /// instance inherits, so only the values of its own launch reach it.
-const CONTRACT_VARS: [&str; 12] = [
+const CONTRACT_VARS: [&str; 13] = [
     vars::PROCESSOR_ID,
     vars::EPOCH,
     vars::MODE,
@@ -55,6 +55,7 @@ const CONTRACT_VARS: [&str; 12] = [
     vars::CHECKPOINT_INTERVAL_MS,
     vars::CONFIG,
     vars::ADDRESS_FILE,
+    vars::HOST,
 ];
 
 type Key = (ProcessorId, Epoch);

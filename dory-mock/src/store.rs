@@ -288,6 +288,7 @@ impl StateStore for MemoryStore {
             snapshot.meta.sequence,
         );
         verify_incoming(snapshot, "commit move", from)?;
+        let base = snapshot.delta_base()?;
         let what = format!("commit move of processor {processor} from {from} to {to}");
         let now = self.now();
         let mut state = self.lock_for_term(term, &|| what.clone())?;
@@ -296,6 +297,11 @@ impl StateStore for MemoryStore {
             .get_mut(processor)
             .ok_or_else(|| Error::not_found(format!("{what}: no ownership row")))?;
         row.rules(now).check_commit(&what, from, to, sequence)?;
+        if let Some(base) = base
+            && !row.snapshots.contains_key(&(base.epoch, base.sequence))
+        {
+            return Err(base.missing(&what));
+        }
         row.owner = Some(to);
         row.newest_owner = to;
         row.store(snapshot.clone(), now, lease);
@@ -328,6 +334,7 @@ impl StateStore for MemoryStore {
             snapshot.meta.sequence,
         );
         verify_incoming(snapshot, what, snapshot.meta.epoch)?;
+        snapshot.check_checkpoint(what)?;
         let now = self.now();
         let mut state = self.lock();
         let row = state.rows.get_mut(processor).ok_or_else(|| {
@@ -433,10 +440,22 @@ impl StateStore for MemoryStore {
             return Ok(0);
         };
         let doomed = row.snapshots.len().saturating_sub(keep.max(1));
-        for _ in 0..doomed {
-            row.snapshots.pop_first();
+        // The bases of deltas that stay, stay (a delta is unreadable without its base).
+        let bases: Vec<(Epoch, Sequence)> = row
+            .snapshots
+            .values()
+            .filter_map(|s| s.delta_base().ok().flatten())
+            .map(|b| (b.epoch, b.sequence))
+            .collect();
+        let old: Vec<(Epoch, Sequence)> = row.snapshots.keys().take(doomed).copied().collect();
+        let mut deleted = 0;
+        for key in old {
+            if Some(key) != row.committed && !bases.contains(&key) {
+                row.snapshots.remove(&key);
+                deleted += 1;
+            }
         }
-        Ok(doomed)
+        Ok(deleted)
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dory_core::columns::{count, timestamp};
 use dory_core::ownership::{self, OwnershipColumns, OwnershipRules, RulesColumns};
-use dory_core::snapshot::MetaColumns;
+use dory_core::snapshot::{DeltaBase, MetaColumns};
 use dory_core::{
     Epoch, Error, Ownership, ProcessorId, Result, Sequence, SnapshotMeta, StateStore,
     StoredSnapshot, Term, Timestamp,
@@ -277,23 +277,45 @@ async fn grant(
     Ok(timestamp(expires))
 }
 
-/// Stores `snapshot` under its metadata's key and makes it the committed checkpoint.
+/// Stores `snapshot` under its metadata's key and makes it the committed checkpoint; a delta
+/// is stored only beside its base (`base`, from the snapshot), which it names.
 async fn store_checkpoint(
     tx: &mut PgConnection,
     snapshot: &StoredSnapshot,
+    base: Option<DeltaBase>,
     what: &str,
 ) -> Result<()> {
     let meta = &snapshot.meta;
     let (epoch, sequence) = (db(meta.epoch.0, what)?, db(meta.sequence.0, what)?);
+    let base = match base {
+        Some(base) => {
+            let key = (db(base.epoch.0, what)?, db(base.sequence.0, what)?);
+            let stored: Option<i32> = sqlx::query_scalar(
+                "SELECT 1 FROM snapshots WHERE processor = $1 AND epoch = $2 AND sequence = $3",
+            )
+            .bind(meta.processor.as_str())
+            .bind(key.0)
+            .bind(key.1)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(sql(what))?;
+            stored.ok_or_else(|| base.missing(what))?;
+            Some(key)
+        }
+        None => None,
+    };
     sqlx::query(
-        "INSERT INTO snapshots (processor, epoch, sequence, size, created_at, body) \
-         VALUES ($1, $2, $3, $4, date_trunc('milliseconds', now()), $5)",
+        "INSERT INTO snapshots \
+         (processor, epoch, sequence, size, created_at, body, base_epoch, base_sequence) \
+         VALUES ($1, $2, $3, $4, date_trunc('milliseconds', now()), $5, $6, $7)",
     )
     .bind(meta.processor.as_str())
     .bind(epoch)
     .bind(sequence)
     .bind(db(snapshot.bytes.len() as u64, what)?)
     .bind(snapshot.bytes.as_slice())
+    .bind(base.map(|b| b.0))
+    .bind(base.map(|b| b.1))
     .execute(&mut *tx)
     .await
     .map_err(sql(what))?;
@@ -440,6 +462,7 @@ impl StateStore for PgStore {
         let what = format!("commit_move of {processor} from {from} to {to} at {sequence}");
         logged(&what, async {
             snapshot.check_incoming(from, &what)?;
+            let base = snapshot.delta_base()?;
             let mut tx = self.begin(&what).await?;
             check_term(&mut tx, term, &what).await?;
             let row = fetch_locked(&mut tx, processor, &what)
@@ -452,7 +475,7 @@ impl StateStore for PgStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(sql(&what))?;
-            store_checkpoint(&mut tx, snapshot, &what).await?;
+            store_checkpoint(&mut tx, snapshot, base, &what).await?;
             grant(&mut tx, processor, lease, &what).await?;
             tx.commit().await.map_err(sql(&what))?;
             Ok(())
@@ -496,7 +519,7 @@ impl StateStore for PgStore {
         );
         let what = format!("put_checkpoint of {processor} {epoch} {sequence}");
         logged(&what, async {
-            snapshot.check_incoming(epoch, &what)?;
+            snapshot.check_checkpoint(&what)?;
             if let Some(expires) = put_new_checkpoint(&self.pool, snapshot, lease, &what).await? {
                 return Ok(expires);
             }
@@ -528,7 +551,7 @@ impl StateStore for PgStore {
                 }
             }
             row.check_above_committed(&what, sequence)?;
-            store_checkpoint(&mut tx, snapshot, &what).await?;
+            store_checkpoint(&mut tx, snapshot, None, &what).await?;
             let expires = grant(&mut tx, processor, lease, &what).await?;
             tx.commit().await.map_err(sql(&what))?;
             Ok(expires)
@@ -668,7 +691,10 @@ impl StateStore for PgStore {
                        ORDER BY epoch DESC, sequence DESC LIMIT $2) \
                    AND NOT EXISTS ( \
                        SELECT 1 FROM ownership o WHERE o.processor = $1 \
-                       AND o.committed_epoch = d.epoch AND o.committed_seq = d.sequence)",
+                       AND o.committed_epoch = d.epoch AND o.committed_seq = d.sequence) \
+                   AND NOT EXISTS ( \
+                       SELECT 1 FROM snapshots delta WHERE delta.processor = $1 \
+                       AND delta.base_epoch = d.epoch AND delta.base_sequence = d.sequence)",
             )
             .bind(processor.as_str())
             .bind(keep)

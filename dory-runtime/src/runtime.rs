@@ -26,7 +26,8 @@ use crate::shared::{Frozen, Shared};
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct Settings {
-    /// The host the endpoint server binds (with the environment's port). Default `0.0.0.0`.
+    /// The host the endpoint server binds (with the environment's port). Default `DORY_HOST`
+    /// when set ([`dory_core::env::HOST`]), else `0.0.0.0`.
     pub bind_host: String,
     /// How long a shutdown may wait for the step in progress and the final save. Default 25 s
     /// (inside Kubernetes' default 30 s grace period).
@@ -51,7 +52,7 @@ pub const PRUNE_EVERY: u64 = 16;
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            bind_host: "0.0.0.0".into(),
+            bind_host: dory_core::env::bind_host(|k| std::env::var(k).ok()),
             grace: Duration::from_secs(25),
             limits: Limits::default(),
             body_limit: dory_control::wire::DEFAULT_BODY_LIMIT,

@@ -18,6 +18,7 @@ use super::{patiently, test_move_snapshot, test_snapshot, unique_processor};
 use crate::backend::{Leadership, StateStore};
 use crate::error::{Error, Result};
 use crate::model::{Epoch, Ownership, ProcessorId, Sequence, SnapshotMeta, StoredSnapshot, Term};
+use crate::snapshot;
 
 /// The lease the checks ask for; long enough never to expire during a check.
 const LEASE: Duration = Duration::from_secs(30);
@@ -51,6 +52,7 @@ pub async fn state_store_suite(store: &dyn StateStore, leadership: &dyn Leadersh
     put_checkpoint_retry_is_idempotent(store, term).await;
     renew_lease_is_fenced(store, term).await;
     commit_move_is_atomic(store, term).await;
+    a_delta_is_committed_beside_its_base(store, term).await;
     release_gives_up_ownership(store, term).await;
     history_is_newest_first_and_prune_keeps_one(store, term).await;
     ownerships_are_sorted(store, term).await;
@@ -936,6 +938,110 @@ pub(crate) async fn acquire(leadership: &dyn Leadership) -> Term {
     patiently("leadership acquire", leadership.acquire())
         .await
         .unwrap_or_else(|e| panic!("leadership acquire failed: {e}"))
+}
+
+/// A pre-copy move commits a delta snapshot: only beside its stored base (else `Conflict`,
+/// nothing changed), read back byte for byte, put together with the base into the frozen
+/// state, and the base outlives pruning while the delta is kept. A checkpoint is never a
+/// delta (`Invalid`).
+pub async fn a_delta_is_committed_beside_its_base(store: &dyn StateStore, term: Term) {
+    let p = unique_processor("delta");
+    let mut probe = Probe::new(store, &p);
+    let e1 = owned(store, &p, term).await;
+    let base_body = vec![7u8; 3 * snapshot::CHUNK_SIZE];
+    let base = test_snapshot(&p, e1, Sequence(5), &base_body);
+    ok(
+        &p,
+        "put_checkpoint of the base",
+        store.put_checkpoint(&base, LEASE).await,
+    );
+    let mut frozen_body = base_body.clone();
+    frozen_body[snapshot::CHUNK_SIZE + 1] = 8;
+    let delta_of = |base: &StoredSnapshot, sequence: u64| {
+        let kept = snapshot::Base::of_encoded(&base.bytes, base_body.clone())
+            .unwrap_or_else(|e| panic!("{p}: base of the test delta: {e}"));
+        let bytes = snapshot::Encoder::default()
+            .encode_delta(&p, e1, Sequence(sequence), &kept, &frozen_body)
+            .unwrap_or_else(|e| panic!("{p}: encode the test delta: {e}"));
+        StoredSnapshot::from_encoded(bytes, crate::model::Timestamp(0))
+            .unwrap_or_else(|e| panic!("{p}: the test delta: {e}"))
+    };
+
+    let as_checkpoint = delta_of(&base, 6);
+    let before = probe.look().await;
+    let r = store.put_checkpoint(&as_checkpoint, LEASE).await;
+    assert!(
+        matches!(r, Err(Error::Invalid(_))),
+        "{p}: a delta as a checkpoint must be Invalid, got {r:?}"
+    );
+    probe.unchanged(&before, "put_checkpoint of a delta").await;
+
+    let e2 = ok(&p, "claim_epoch", store.claim_epoch(&p, term).await);
+    // A delta against a base the store never saw.
+    let stranger = test_snapshot(&p, e1, Sequence(4), &base_body);
+    let mut orphan = delta_of(&stranger, 6);
+    orphan.meta.epoch = e2;
+    let before = probe.look().await;
+    let r = store.commit_move(e1, &orphan, LEASE, term).await;
+    assert!(
+        matches!(r, Err(Error::Conflict(_))),
+        "{p}: a delta whose base is not stored must be Conflict, got {r:?}"
+    );
+    probe
+        .unchanged(&before, "commit_move of a delta without its base")
+        .await;
+
+    let mut moved = delta_of(&base, 6);
+    moved.meta.epoch = e2;
+    ok(
+        &p,
+        "commit_move of a delta",
+        store.commit_move(e1, &moved, LEASE, term).await,
+    );
+    probe.stored(&moved).await;
+    let latest = ok(&p, "latest", store.latest(&p).await)
+        .unwrap_or_else(|| panic!("{p}: no latest snapshot after the delta's commit"));
+    assert_eq!(
+        latest.bytes, moved.bytes,
+        "{p}: latest must be the delta, byte for byte"
+    );
+    let stored_base = ok(&p, "get the base", store.get(&p, e1, Sequence(5)).await)
+        .unwrap_or_else(|| panic!("{p}: the delta's base is gone"));
+    let (_, body) = snapshot::apply_delta(&stored_base.bytes, &latest.bytes, &Default::default())
+        .unwrap_or_else(|e| panic!("{p}: apply the stored delta to its stored base: {e}"));
+    assert_eq!(
+        body, frozen_body,
+        "{p}: base + delta must be the frozen state"
+    );
+
+    // Newer checkpoints than both: pruning to one keeps the committed delta, so its base too.
+    ok(&p, "prune", store.prune(&p, 1).await);
+    let history = ok(&p, "history", store.history(&p).await);
+    assert!(
+        history
+            .iter()
+            .any(|m| (m.epoch, m.sequence) == (e1, Sequence(5))),
+        "{p}: prune removed the base of the kept delta: {history:?}"
+    );
+    for seq in 7..=9 {
+        let next = test_snapshot(&p, e2, Sequence(seq), b"full again");
+        ok(
+            &p,
+            "put_checkpoint after the move",
+            store.put_checkpoint(&next, LEASE).await,
+        );
+    }
+    // The delta goes first; its base at the next prune (a prune decides from the rows as
+    // they were when it began).
+    ok(&p, "prune", store.prune(&p, 1).await);
+    ok(&p, "prune again", store.prune(&p, 1).await);
+    let history = ok(&p, "history", store.history(&p).await);
+    assert_eq!(
+        history.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        vec![Sequence(9)],
+        "{p}: once the delta is pruned its base may go too"
+    );
+    let _ = probe.look().await;
 }
 
 /// Claims the first epoch of `p` and makes it the owner.

@@ -1,0 +1,6 @@
+//! Integration tests of `dory-k8s` against the fake API server.
+mod lease;
+mod manifests;
+mod nodes;
+mod placement;
+mod support;

@@ -601,9 +601,12 @@ impl StoredSnapshot {
     }
 
     /// The base a delta snapshot needs (`None` for a full one): a store committing a delta
-    /// checks that the base is stored, and keeps it while the delta is kept.
+    /// checks that the base is stored, and keeps it while the delta is kept. Reads the header
+    /// and the delta's prefix only, not the checksum: call it after
+    /// [`check_incoming`](Self::check_incoming), which has verified every byte, so a commit
+    /// does not hash a large snapshot twice.
     pub fn delta_base(&self) -> Result<Option<DeltaBase>> {
-        delta_base(&self.bytes)
+        delta::base_named(&decode_header(&self.bytes)?, &self.bytes)
     }
 
     /// [`check_incoming`](Self::check_incoming) for a checkpoint from its owner, which is

@@ -222,12 +222,16 @@ impl MemoryStore {
 
 /// Checks an incoming snapshot; errors name the operation, processor, epoch and sequence.
 fn verify_incoming(snap: &StoredSnapshot, what: &str, taken_by: Epoch) -> Result<()> {
+    snap.check_incoming(taken_by, &incoming_context(snap, what))
+}
+
+/// How errors about an incoming snapshot name it.
+fn incoming_context(snap: &StoredSnapshot, what: &str) -> String {
     let meta = &snap.meta;
-    let context = format!(
+    format!(
         "{what} of processor {} epoch {} {}",
         meta.processor, meta.epoch, meta.sequence
-    );
-    snap.check_incoming(taken_by, &context)
+    )
 }
 
 /// Checks a snapshot read back from memory, as a store on disk would after a read.
@@ -333,8 +337,7 @@ impl StateStore for MemoryStore {
             snapshot.meta.epoch,
             snapshot.meta.sequence,
         );
-        verify_incoming(snapshot, what, snapshot.meta.epoch)?;
-        snapshot.check_checkpoint(what)?;
+        snapshot.check_checkpoint(&incoming_context(snapshot, what))?;
         let now = self.now();
         let mut state = self.lock();
         let row = state.rows.get_mut(processor).ok_or_else(|| {

@@ -188,10 +188,14 @@ impl Encoder {
 /// The base a snapshot needs: `None` for a full snapshot. Checks the header and checksum
 /// (see [`verify`]), not the changes.
 pub fn delta_base(bytes: &[u8]) -> Result<Option<DeltaBase>> {
-    let header = verify(bytes)?;
+    base_named(&verify(bytes)?, bytes)
+}
+
+/// The base named by the snapshot whose header (already read from `bytes`) is `header`.
+pub(super) fn base_named(header: &SnapshotHeader, bytes: &[u8]) -> Result<Option<DeltaBase>> {
     match header.kind {
         SnapshotKind::Full => Ok(None),
-        SnapshotKind::Delta => read_prefix(&header, &bytes[header.len()..]).map(|p| Some(p.base)),
+        SnapshotKind::Delta => read_prefix(header, &bytes[header.len()..]).map(|p| Some(p.base)),
     }
 }
 

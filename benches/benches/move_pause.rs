@@ -15,6 +15,8 @@
 //!   TOML file the bench writes. Each move is an operator pin to the other node
 //!   (`record_intent(Intent::Pin)`), awaited through the orchestrator's `Moved` event, whose
 //!   `pause_ms` (freeze request to resume answer) is recorded beside the processor's pause.
+//!   The orchestrator pre-copies (its `PreCopy` step, before the freeze, while the old
+//!   instance runs), so the freeze sends, loads and commits a delta of the changed chunks.
 //! - **Baseline**: what users have without Dory. SIGTERM the running process (the runtime
 //!   stores a final checkpoint and exits), hand ownership to a new epoch (`release` the old,
 //!   `assign_owner` the new: no lease to wait for, the epoch claimed before the stop), start a
@@ -236,6 +238,19 @@ impl InstanceControl for TimedControl {
     }
     async fn resume(&self, instance: &Instance) -> dory_core::Result<()> {
         timed(&self.log, |s| &mut s.resume, self.inner.resume(instance)).await
+    }
+    // Outside the pause (the old instance runs meanwhile), so not timed; its `load` of the
+    // pre-copied base comes before the move's own load, which is what the table shows.
+    async fn precopy(&self, instance: &Instance, timeout: Duration) -> dory_core::Result<Vec<u8>> {
+        self.inner.precopy(instance, timeout).await
+    }
+    async fn fetch_full(&self, instance: &Instance) -> dory_core::Result<Vec<u8>> {
+        let bytes = timed(&self.log, |s| &mut s.fetch, self.inner.fetch_full(instance)).await?;
+        self.log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .snapshot_bytes = bytes.len();
+        Ok(bytes)
     }
 }
 

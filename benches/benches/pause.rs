@@ -36,6 +36,13 @@
 //! The replacement is started in standby before the freeze, as the orchestrator does (make
 //! before break), so its start-up is not part of the pause.
 //!
+//! Every size is measured twice, on a processor of its own: the whole state at the freeze,
+//! and **pre-copy** (the rows marked so), as the orchestrator moves: before the freeze the old
+//! instance stores a full checkpoint while it keeps stepping (`POST /state/precopy`) and the
+//! replacement loads it, outside the pause; the freeze then sends, loads and commits only the
+//! 4 KiB chunks that changed since (here the step counter's, the random bytes stay put). The
+//! floor stays the whole state's: it is what a hand-over of this state costs without Dory.
+//!
 //! `cargo bench -p dory-benches --bench pause`, with `DORY_BENCH_PYTHON=/path/to/python` for
 //! the Postgres rows (Rust and Python). Without `--bench` (as under `cargo test --benches`) it makes a few small
 //! moves as a smoke test.
@@ -449,6 +456,9 @@ struct World<'a, F> {
     term: Term,
     control: HttpControl,
     fleet: F,
+    /// Pre-copy before the freeze, as the orchestrator does: the old instance stores a full
+    /// checkpoint while it runs, the replacement loads it, and the freeze sends a delta.
+    precopy: bool,
 }
 
 impl<F: Fleet> World<'_, F> {
@@ -479,6 +489,14 @@ impl<F: Fleet> World<'_, F> {
                 return Err("the replacement never stood by".into());
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if self.precopy {
+            // Outside the pause: the old instance keeps stepping meanwhile.
+            let base = self
+                .control
+                .precopy(&old.instance, Duration::from_secs(60))
+                .await?;
+            self.control.load(&new.instance, &base).await?;
         }
 
         let started = Instant::now();
@@ -540,6 +558,11 @@ impl<F: Fleet> World<'_, F> {
         let (p50, p99, _) = percentiles(samples.iter().map(|s| s.pause).collect());
         let (f50, f99, _) = percentiles(floors);
         let kind = self.fleet.kind();
+        let label = if self.precopy {
+            format!("{label}, pre-copy")
+        } else {
+            label.to_string()
+        };
         println!(
             "| {kind} | {label} | {moves} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             ms(p50),
@@ -687,15 +710,19 @@ async fn rows<F: Fleet>(
     steps: &mut Vec<String>,
 ) -> Result<()> {
     for &(label, size, moves) in plans {
-        let processor = ProcessorId::new(format!("{name}-{size}"))?;
-        let world = World {
-            processor: processor.clone(),
-            store,
-            term,
-            control: HttpControl::new(),
-            fleet: fleet(processor, size),
-        };
-        steps.push(world.measure(label, size, moves).await?);
+        for precopy in [false, true] {
+            let tag = if precopy { "-pc" } else { "" };
+            let processor = ProcessorId::new(format!("{name}-{size}{tag}"))?;
+            let world = World {
+                processor: processor.clone(),
+                store,
+                term,
+                control: HttpControl::new(),
+                fleet: fleet(processor, size),
+                precopy,
+            };
+            steps.push(world.measure(label, size, moves).await?);
+        }
     }
     Ok(())
 }

@@ -2,6 +2,10 @@
 //! answer whether or not an orchestrator is running; what needs the orchestrator to act
 //! (drain, move) is recorded as an intent in the desired state, and the command follows the
 //! orchestrator's progress through the placement and the status it writes.
+//!
+//! On Kubernetes the nodes are the cluster's: a drain cordons the node itself (as
+//! `kubectl cordon`, the signal the orchestrator acts on), an uncordon lifts it, and progress
+//! is followed through the nodes and Dory's pods, read only ([`crate::cluster`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -9,12 +13,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use dory_core::{
-    Epoch, Instance, Intent, NodeId, Placement as _, ProcessorId, ProcessorStatus, Sequence,
+    Epoch, Instance, Intent, Node, NodeId, Placement as _, ProcessorId, ProcessorStatus, Sequence,
     Timestamp,
 };
 
 use crate::backends;
-use crate::config::{ConfigError, Loaded};
+use crate::cluster::ClusterView;
+use crate::config::{ConfigError, ConfigKind, Loaded};
 use crate::duration::format_duration;
 use crate::table;
 
@@ -128,6 +133,50 @@ fn failover_cell(report: &dory_core::FailoverReport) -> String {
     }
 }
 
+/// Where the commands see nodes and instances: the local placement's registry, or the
+/// cluster's nodes and Dory's pods.
+enum View {
+    Local(dory_local::LocalPlacement),
+    /// Boxed: it carries the placement's whole configuration.
+    Cluster(Box<ClusterView>),
+}
+
+impl View {
+    async fn open(loaded: &Loaded, supervisor: Vec<String>) -> Result<View> {
+        Ok(match loaded.kube() {
+            None => View::Local(backends::placement(loaded, supervisor)?),
+            Some(k) => View::Cluster(Box::new(ClusterView::new(
+                backends::kube_client().await?,
+                &k.kube,
+            ))),
+        })
+    }
+
+    async fn nodes(&self) -> Result<Vec<Node>> {
+        match self {
+            View::Local(p) => Ok(p.nodes().await?),
+            View::Cluster(c) => c.nodes().await,
+        }
+    }
+
+    async fn instances(&self) -> Result<Vec<Instance>> {
+        match self {
+            View::Local(p) => Ok(p.instances().await?),
+            View::Cluster(c) => c.instances().await,
+        }
+    }
+
+    async fn has_node(&self, node: &NodeId) -> Result<()> {
+        if self.nodes().await?.iter().any(|n| &n.id == node) {
+            Ok(())
+        } else {
+            bail!(OperationFailed(format!(
+                "there is no node {node} (see `dory nodes`)"
+            )))
+        }
+    }
+}
+
 /// One node in `dory nodes`.
 #[derive(serde::Serialize)]
 struct NodeRow {
@@ -138,16 +187,23 @@ struct NodeRow {
 
 /// `dory nodes`.
 pub(crate) async fn nodes(loaded: &Loaded, output: Output, supervisor: Vec<String>) -> Result<()> {
-    let placement = backends::placement(loaded, supervisor)?;
-    let store = backends::store(loaded).await?;
-    let source = backends::config_source(loaded, &store).await?;
-    let cordoned = source
-        .desired()
-        .await
-        .map(|d| d.cordoned)
-        .unwrap_or_default();
-    let nodes = placement.nodes().await?;
-    let instances = placement.instances().await?;
+    let view = View::open(loaded, supervisor).await?;
+    // A local cordon is an intent in the desired state; a Kubernetes one is the node's own
+    // `spec.unschedulable`, in the node itself.
+    let cordoned = match &view {
+        View::Local(_) => {
+            let store = backends::store(loaded).await?;
+            let source = backends::config_source(loaded, &store).await?;
+            source
+                .desired()
+                .await
+                .map(|d| d.cordoned)
+                .unwrap_or_default()
+        }
+        View::Cluster(_) => Default::default(),
+    };
+    let nodes = view.nodes().await?;
+    let instances = view.instances().await?;
     let rows: Vec<NodeRow> = nodes
         .into_iter()
         .map(|node| NodeRow {
@@ -235,19 +291,29 @@ pub(crate) async fn drain(
     wait: bool,
     supervisor: Vec<String>,
 ) -> Result<()> {
-    let placement = backends::placement(loaded, supervisor)?;
-    if !placement.nodes().await?.iter().any(|n| &n.id == node) {
+    if let Some(k) = loaded.kube()
+        && !k.kube.signals.cordon_is_drain
+    {
+        // The cordon would only keep new pods off the node: nothing would move.
         bail!(OperationFailed(format!(
-            "there is no node {node} (see `dory nodes`)"
+            "{} sets `placement.signals.cordon_is_drain = false`: the orchestrator does not move processors off a cordoned node, so a drain would only wait; cordon with kubectl, or taint the node with one of `placement.signals.taints`",
+            loaded.path.display()
         )));
     }
+    let view = View::open(loaded, supervisor).await?;
+    view.has_node(node).await?;
     let store = backends::store(loaded).await?;
-    let source = backends::config_source(loaded, &store).await?;
-    source
-        .record_intent(&Intent::Cordon { node: node.clone() })
-        .await
-        .context("record the cordon")?;
-    let start = on_node(&placement.instances().await?, node);
+    match &view {
+        View::Local(_) => {
+            let source = backends::config_source(loaded, &store).await?;
+            source
+                .record_intent(&Intent::Cordon { node: node.clone() })
+                .await
+                .context("record the cordon")?;
+        }
+        View::Cluster(cluster) => cluster.cordon(node, true).await?,
+    }
+    let start = on_node(&view.instances().await?, node);
     println!(
         "cordoned {node}; {} processor(s) to move: {}",
         start.len(),
@@ -264,7 +330,7 @@ pub(crate) async fn drain(
     let mut announced: BTreeSet<(ProcessorId, Epoch)> = BTreeSet::new();
     let mut done: BTreeSet<ProcessorId> = BTreeSet::new();
     loop {
-        let instances = placement.instances().await?;
+        let instances = view.instances().await?;
         let left = on_node(&instances, node);
         let statuses: BTreeMap<String, ProcessorStatus> = store
             .status
@@ -324,6 +390,13 @@ pub(crate) async fn drain(
 
 /// `dory uncordon NODE`.
 pub(crate) async fn uncordon(loaded: &Loaded, node: &NodeId) -> Result<()> {
+    if let Some(k) = loaded.kube() {
+        ClusterView::new(backends::kube_client().await?, &k.kube)
+            .cordon(node, false)
+            .await?;
+        println!("uncordoned {node}");
+        return Ok(());
+    }
     let store = backends::store(loaded).await?;
     let source = backends::config_source(loaded, &store).await?;
     source
@@ -343,13 +416,17 @@ pub(crate) async fn pin(
     wait: bool,
     supervisor: Vec<String>,
 ) -> Result<()> {
-    let placement = backends::placement(loaded, supervisor)?;
-    if let Some(to) = to
-        && !placement.nodes().await?.iter().any(|n| &n.id == to)
-    {
-        bail!(OperationFailed(format!(
-            "there is no node {to} (see `dory nodes`)"
-        )));
+    if loaded.kube().is_some() && loaded.config.config.source == ConfigKind::File {
+        // The file source keeps intents in the embedded database beside the orchestrator:
+        // in its pod, not on this machine.
+        bail!(OperationFailed(
+            "a pin is an intent in the desired state, which with `config.source = \"file\"` lives in each orchestrator pod's own embedded database, out of this command's reach: use `config.source = \"postgres\"` with the kubernetes placement"
+                .into()
+        ));
+    }
+    let view = View::open(loaded, supervisor).await?;
+    if let Some(to) = to {
+        view.has_node(to).await?;
     }
     let store = backends::store(loaded).await?;
     let source = backends::config_source(loaded, &store).await?;
@@ -370,7 +447,7 @@ pub(crate) async fn pin(
     }
     let started = Instant::now();
     loop {
-        let instances = placement.instances().await?;
+        let instances = view.instances().await?;
         let alive: Vec<&Instance> = instances
             .iter()
             .filter(|i| &i.processor == processor && i.phase.is_alive())
@@ -454,11 +531,10 @@ pub(crate) async fn snapshots_list(
 }
 
 async fn one_snapshot(
-    loaded: &Loaded,
+    store: &backends::Store,
     processor: &ProcessorId,
     at: Option<(Epoch, Sequence)>,
 ) -> Result<dory_core::StoredSnapshot> {
-    let store = backends::store(loaded).await?;
     let found = match at {
         Some((e, s)) => store.store.get(processor, e, s).await?,
         None => store.store.latest(processor).await?,
@@ -472,16 +548,51 @@ async fn one_snapshot(
     })
 }
 
-/// `dory snapshots PROCESSOR inspect`.
+/// The stored base of a delta: filed under the epoch its header names (a checkpoint is filed
+/// under the epoch that took it), else any stored snapshot at its sequence with its exact
+/// checksum (a base that was itself committed by a move is filed under the new owner's epoch).
+async fn delta_base_snapshot(
+    store: &backends::Store,
+    processor: &ProcessorId,
+    base: &dory_core::snapshot::DeltaBase,
+) -> Result<Option<dory_core::StoredSnapshot>> {
+    let is_it = |s: &dory_core::StoredSnapshot| {
+        dory_core::snapshot::verify(&s.bytes).is_ok_and(|h| h.checksum == base.checksum)
+    };
+    if let Some(s) = store
+        .store
+        .get(processor, base.epoch, base.sequence)
+        .await?
+        && is_it(&s)
+    {
+        return Ok(Some(s));
+    }
+    for meta in store.store.history(processor).await? {
+        if meta.sequence == base.sequence
+            && meta.epoch != base.epoch
+            && let Some(s) = store
+                .store
+                .get(processor, meta.epoch, meta.sequence)
+                .await?
+            && is_it(&s)
+        {
+            return Ok(Some(s));
+        }
+    }
+    Ok(None)
+}
+
+/// `dory snapshots PROCESSOR inspect`: the header, and for a delta the base it applies to.
 pub(crate) async fn snapshots_inspect(
     loaded: &Loaded,
     processor: &ProcessorId,
     at: Option<(Epoch, Sequence)>,
     output: Output,
 ) -> Result<()> {
-    let snapshot = one_snapshot(loaded, processor, at).await?;
+    let store = backends::store(loaded).await?;
+    let snapshot = one_snapshot(&store, processor, at).await?;
     let header = dory_core::snapshot::verify(&snapshot.bytes)?;
-    let fields = serde_json::json!({
+    let mut fields = serde_json::json!({
         "processor": header.processor.as_str(),
         "filed_under_epoch": snapshot.meta.epoch.0,
         "taken_by_epoch": header.epoch.0,
@@ -494,6 +605,20 @@ pub(crate) async fn snapshots_inspect(
         "checksum": format!("{:016x}", header.checksum),
         "created_at_ms": snapshot.meta.created_at.0,
     });
+    if let Some(base) = dory_core::snapshot::delta_base(&snapshot.bytes)? {
+        let stored = delta_base_snapshot(&store, processor, &base)
+            .await?
+            .is_some();
+        if let serde_json::Value::Object(map) = &mut fields {
+            map.insert("base_epoch".into(), base.epoch.0.into());
+            map.insert("base_sequence".into(), base.sequence.0.into());
+            map.insert(
+                "base_checksum".into(),
+                format!("{:016x}", base.checksum).into(),
+            );
+            map.insert("base_stored".into(), stored.into());
+        }
+    }
     if output == Output::Json {
         return json(&fields);
     }
@@ -508,21 +633,51 @@ pub(crate) async fn snapshots_inspect(
     Ok(())
 }
 
-/// `dory snapshots PROCESSOR export --to FILE`.
+/// `dory snapshots PROCESSOR export --to FILE`: always a full snapshot, so the file stands on
+/// its own (a delta is put together with its stored base first).
 pub(crate) async fn snapshots_export(
     loaded: &Loaded,
     processor: &ProcessorId,
     at: Option<(Epoch, Sequence)>,
     file: &Path,
 ) -> Result<()> {
-    let snapshot = one_snapshot(loaded, processor, at).await?;
-    dory_core::snapshot::verify(&snapshot.bytes)?;
-    std::fs::write(file, &snapshot.bytes).with_context(|| format!("write {}", file.display()))?;
+    let store = backends::store(loaded).await?;
+    let snapshot = one_snapshot(&store, processor, at).await?;
+    let (epoch, sequence) = (snapshot.meta.epoch, snapshot.meta.sequence);
+    let (bytes, resolved) = match dory_core::snapshot::delta_base(&snapshot.bytes)? {
+        None => (snapshot.bytes, None),
+        Some(base) => {
+            let Some(stored) = delta_base_snapshot(&store, processor, &base).await? else {
+                bail!(OperationFailed(format!(
+                    "{processor} at {epoch}, sequence {sequence} is a delta whose base ({}, sequence {}) is not stored: it cannot be exported as a full snapshot",
+                    base.epoch, base.sequence
+                )));
+            };
+            let full = dory_core::snapshot::resolve_delta(
+                snapshot.bytes,
+                Some(&stored.bytes),
+                &dory_core::snapshot::Limits::default(),
+            )
+            .with_context(|| {
+                format!(
+                    "put {processor}'s delta at {epoch}, sequence {sequence} together with its base ({}, sequence {})",
+                    base.epoch, base.sequence
+                )
+            })?;
+            (full, Some(base))
+        }
+    };
+    dory_core::snapshot::verify(&bytes)?;
+    std::fs::write(file, &bytes).with_context(|| format!("write {}", file.display()))?;
+    let how = resolved.map_or_else(String::new, |b| {
+        format!(
+            ", a delta put together with its base ({}, sequence {})",
+            b.epoch, b.sequence
+        )
+    });
     println!(
-        "wrote {processor} at {}, sequence {} ({} bytes) to {}",
-        snapshot.meta.epoch,
-        snapshot.meta.sequence,
-        snapshot.bytes.len(),
+        "wrote {processor} at {epoch}, sequence {sequence} ({} bytes{how}) to {}",
+        bytes.len(),
         file.display()
     );
     Ok(())
@@ -531,6 +686,20 @@ pub(crate) async fn snapshots_export(
 /// `dory validate CONFIG`: the file, then every processor in it.
 pub(crate) async fn validate(path: &Path) -> Result<()> {
     let loaded = Loaded::read(path)?;
+    let placement = match loaded.kube() {
+        None => format!("{} node(s)", loaded.node_sections().len()),
+        Some(k) => format!(
+            "kubernetes placement in namespace {}, lease {}/{}",
+            k.kube.namespace, k.lease.namespace, k.lease.name
+        ),
+    };
+    if loaded.config.config.source == ConfigKind::Postgres {
+        println!(
+            "{}: {placement}, valid; processors come from the postgres config source (not checked here)",
+            loaded.path.display()
+        );
+        return Ok(());
+    }
     let processors = loaded.processors_file();
     let text = std::fs::read_to_string(&processors)
         .with_context(|| format!("read {}", processors.display()))?;
@@ -539,9 +708,8 @@ pub(crate) async fn validate(path: &Path) -> Result<()> {
         message: e.to_string(),
     })?;
     println!(
-        "{}: {} node(s), {} processor(s) valid",
+        "{}: {placement}, {} processor(s) valid",
         loaded.path.display(),
-        loaded.config.placement.nodes.len(),
         desired.processors.len()
     );
     for entry in &desired.invalid {
@@ -659,6 +827,15 @@ pub(crate) async fn snapshots_import(
     file: &Path,
 ) -> Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    // A delta holds only what changed since its base, which lives in the store it came from.
+    if let Ok(Some(base)) = dory_core::snapshot::delta_base(&bytes) {
+        bail!(OperationFailed(format!(
+            "{} is a delta snapshot (the changes since its base at {}, sequence {}), not a whole state: import a full snapshot (`dory snapshots PROCESSOR export` writes one, putting a delta together with its base)",
+            file.display(),
+            base.epoch,
+            base.sequence
+        )));
+    }
     let limits = dory_core::snapshot::Limits::default();
     let (header, body) = dory_core::snapshot::decode_body(&bytes, &limits)
         .with_context(|| format!("{} is not a usable Dory snapshot", file.display()))?;

@@ -3,6 +3,11 @@
 //!
 //! Every table refuses keys it does not know and every value is checked, with errors that
 //! name the file, the line and the key. Relative paths are relative to the file's directory.
+//!
+//! `[placement]` is read in two steps: its `kind` first, then the rest as that placement's
+//! keys (`[[placement.nodes]]` for `local`; `dory_k8s::KubeConfig`'s keys and a
+//! `[placement.lease]` table for `kubernetes`), from the same spanned parse of the file, so
+//! an error in either still names its line.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,8 +16,11 @@ use std::time::Duration;
 use dory_core::orchestrator::Settings;
 use dory_core::planner::PlannerConfig;
 use dory_core::{NodeId, Resources, Site};
+use dory_k8s::{KubeConfig, LeaseConfig};
 use dory_local::LocalNode;
 use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::duration::parse_duration;
 
@@ -23,7 +31,9 @@ pub(crate) struct DoryConfig {
     /// The orchestrator daemon.
     #[serde(default)]
     pub(crate) orchestrator: OrchestratorSection,
-    /// Where instances run.
+    /// Where instances run: read apart from the rest (its keys depend on its `kind`), so
+    /// skipped here and filled in by [`Loaded::parse`].
+    #[serde(skip)]
     pub(crate) placement: PlacementSection,
     /// Where the desired processors come from.
     #[serde(default)]
@@ -43,9 +53,9 @@ pub(crate) struct DoryConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct OrchestratorSection {
-    /// This replica's name (leadership, logs).
-    #[serde(default = "default_name")]
-    pub(crate) name: String,
+    /// This replica's name in the store's leadership (and in `pg_stat_activity`):
+    /// `orchestrator` when not given, or on Kubernetes the pod's name, as the Lease's holder.
+    pub(crate) name: Option<String>,
     /// Where `/healthz` and `/metrics` are served.
     #[serde(default = "default_listen")]
     pub(crate) listen: SocketAddr,
@@ -101,10 +111,6 @@ impl Default for OrchestratorSection {
     }
 }
 
-fn default_name() -> String {
-    "orchestrator".into()
-}
-
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9180))
 }
@@ -113,15 +119,55 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from(".dory")
 }
 
-/// `[placement]`.
+/// `[placement]`: its `kind` picks the backend; the other keys are that backend's.
+#[derive(Debug)]
+pub(crate) enum PlacementSection {
+    /// `kind = "local"`: OS processes on the virtual nodes of this machine.
+    Local(LocalSection),
+    /// `kind = "kubernetes"`: a pod per instance in a cluster (`dory-k8s`).
+    Kubernetes(Box<KubeSection>),
+}
+
+impl Default for PlacementSection {
+    fn default() -> Self {
+        PlacementSection::Local(LocalSection { nodes: Vec::new() })
+    }
+}
+
+impl PlacementSection {
+    /// Which placement backend.
+    pub(crate) fn kind(&self) -> PlacementKind {
+        match self {
+            PlacementSection::Local(_) => PlacementKind::Local,
+            PlacementSection::Kubernetes(_) => PlacementKind::Kubernetes,
+        }
+    }
+}
+
+/// The keys of `[placement]` besides `kind` for `kind = "local"`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct PlacementSection {
-    /// Which placement backend.
-    pub(crate) kind: PlacementKind,
-    /// The virtual nodes (local placement).
+pub(crate) struct LocalSection {
+    /// The virtual nodes.
     #[serde(default)]
     pub(crate) nodes: Vec<NodeSection>,
+}
+
+/// The keys of `[placement]` besides `kind` for `kind = "kubernetes"`.
+#[derive(Debug)]
+pub(crate) struct KubeSection {
+    /// `dory_k8s::KubeConfig` from every key but `kind` and `lease`, with the instances' store
+    /// URL, publisher URL and lease filled in from `[store]`, `[publisher]` and
+    /// `[orchestrator]` (the URLs only where `[placement.instance]` does not name them).
+    pub(crate) kube: KubeConfig,
+    /// `[placement.lease]`: the `coordination.k8s.io/v1` Lease the orchestrator replicas
+    /// elect a leader with; in the placement's namespace unless it names one.
+    pub(crate) lease: LeaseConfig,
+    /// Whether `[placement.instance]` gave `store_url` (the store as pods reach it, when
+    /// that differs from how the orchestrator does).
+    store_url_given: bool,
+    /// Whether `[placement.instance]` gave `publisher_url`.
+    publisher_url_given: bool,
 }
 
 /// The placement backends.
@@ -130,6 +176,8 @@ pub(crate) struct PlacementSection {
 pub(crate) enum PlacementKind {
     /// OS processes on named virtual nodes of this machine (`dory-local`).
     Local,
+    /// A pod per instance in a Kubernetes cluster (`dory-k8s`).
+    Kubernetes,
 }
 
 /// `[[placement.nodes]]`: one virtual node of the local placement.
@@ -286,8 +334,12 @@ impl Loaded {
             path: path.to_path_buf(),
             message,
         };
-        let mut config: DoryConfig =
-            toml::from_str(text).map_err(|e| error(e.to_string().trim_end().to_string()))?;
+        let toml_error = |e: toml::de::Error| error(toml_message(e, text));
+        let mut root = DeTable::parse(text).map_err(toml_error)?;
+        let placement = root.get_mut().remove("placement");
+        let mut config =
+            DoryConfig::deserialize(toml::de::Deserializer::from(root)).map_err(toml_error)?;
+        config.placement = placement_section(placement, text).map_err(error)?;
         let base = path.parent().unwrap_or(Path::new("/"));
         let o = &mut config.orchestrator;
         o.state_dir = base.join(&o.state_dir);
@@ -303,6 +355,19 @@ impl Loaded {
         check(&config).map_err(error)?;
         let settings = settings(&config.orchestrator);
         settings.validate().map_err(|e| error(strip_kind(&e)))?;
+        if let PlacementSection::Kubernetes(k) = &mut config.placement {
+            // What every pod is given: the store and broker the orchestrator is configured
+            // with (check() made sure they are reachable over the network), and the lease
+            // the planner times failovers by.
+            if !k.store_url_given {
+                k.kube.instance.store_url = config.store.url.clone().unwrap_or_default();
+            }
+            if !k.publisher_url_given {
+                k.kube.instance.publisher_url = config.publisher.url.clone();
+            }
+            k.kube.instance.lease = settings.planner.lease;
+            check_kube(k, &settings).map_err(error)?;
+        }
         Ok(Loaded {
             path: path.to_path_buf(),
             config,
@@ -310,11 +375,42 @@ impl Loaded {
         })
     }
 
+    /// This replica's name in the store's leadership: `orchestrator.name`, else on
+    /// Kubernetes the name the Lease is held as (`placement.lease.holder`, else `POD_NAME`, as
+    /// the Deployment sets it), else `orchestrator`.
+    pub(crate) fn replica_name(&self) -> String {
+        if let Some(name) = &self.config.orchestrator.name {
+            return name.clone();
+        }
+        match self.kube() {
+            Some(k) if !k.lease.holder.is_empty() => k.lease.holder.clone(),
+            Some(_) => std::env::var("POD_NAME")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "orchestrator".into()),
+            None => "orchestrator".into(),
+        }
+    }
+
+    /// The Kubernetes placement's settings, if that is the placement.
+    pub(crate) fn kube(&self) -> Option<&KubeSection> {
+        match &self.config.placement {
+            PlacementSection::Kubernetes(k) => Some(k),
+            PlacementSection::Local(_) => None,
+        }
+    }
+
+    /// The local placement's node tables (none on Kubernetes, whose nodes are the cluster's).
+    pub(crate) fn node_sections(&self) -> &[NodeSection] {
+        match &self.config.placement {
+            PlacementSection::Local(l) => &l.nodes,
+            PlacementSection::Kubernetes(_) => &[],
+        }
+    }
+
     /// The local placement's virtual nodes.
     pub(crate) fn nodes(&self) -> Vec<LocalNode> {
-        self.config
-            .placement
-            .nodes
+        self.node_sections()
             .iter()
             .map(|n| LocalNode {
                 id: NodeId::new(&n.id),
@@ -379,17 +475,165 @@ fn strip_kind(e: &dory_core::Error) -> String {
     }
 }
 
+/// A toml error with the file's text, so it shows line, column and the line itself.
+fn toml_message(mut e: toml::de::Error, text: &str) -> String {
+    e.set_input(Some(text));
+    e.to_string().trim_end().to_string()
+}
+
+/// `line N, column M` of a byte offset into `text`.
+fn line_of(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}")
+}
+
+/// `[placement]`: `kind` first, then the rest as that placement's keys.
+fn placement_section(
+    placement: Option<Spanned<DeValue<'_>>>,
+    text: &str,
+) -> Result<PlacementSection, String> {
+    let Some(placement) = placement else {
+        return Err(
+            "missing field `placement`: a `[placement]` table with `kind = \"local\"` or `kind = \"kubernetes\"`"
+                .into(),
+        );
+    };
+    let span = placement.span();
+    let DeValue::Table(mut table) = placement.into_inner() else {
+        return Err(format!(
+            "{}: `placement` is a table (`[placement]`)",
+            line_of(text, span.start)
+        ));
+    };
+    let Some(kind) = table.remove("kind") else {
+        return Err(format!(
+            "{}: `placement.kind` is missing: `\"local\"` or `\"kubernetes\"`",
+            line_of(text, span.start)
+        ));
+    };
+    let toml_error = |e: toml::de::Error| toml_message(e, text);
+    let kind = PlacementKind::deserialize(ValueDeserializer::from(kind)).map_err(toml_error)?;
+    match kind {
+        PlacementKind::Local => {
+            let rest = ValueDeserializer::from(Spanned::new(span, DeValue::Table(table)));
+            Ok(PlacementSection::Local(
+                LocalSection::deserialize(rest).map_err(toml_error)?,
+            ))
+        }
+        PlacementKind::Kubernetes => {
+            let lease = table.remove("lease");
+            let instance = match table.get("instance").map(Spanned::get_ref) {
+                Some(DeValue::Table(t)) => Some(t),
+                _ => None,
+            };
+            let given = |key: &str| instance.and_then(|t| t.get(key)).map(Spanned::span);
+            if let Some(at) = given("lease") {
+                return Err(format!(
+                    "{}: `placement.instance.lease`: the instances' lease is `orchestrator.lease` (the orchestrator times failovers by it); set it there",
+                    line_of(text, at.start)
+                ));
+            }
+            let (store_url_given, publisher_url_given) = (
+                given("store_url").is_some(),
+                given("publisher_url").is_some(),
+            );
+            let rest = ValueDeserializer::from(Spanned::new(span, DeValue::Table(table)));
+            let kube = KubeConfig::deserialize(rest).map_err(toml_error)?;
+            let lease = match lease {
+                None => LeaseConfig {
+                    namespace: kube.namespace.clone(),
+                    ..LeaseConfig::default()
+                },
+                Some(value) => {
+                    let own_namespace = matches!(
+                        value.get_ref(),
+                        DeValue::Table(t) if t.contains_key("namespace")
+                    );
+                    let mut lease = LeaseConfig::deserialize(ValueDeserializer::from(value))
+                        .map_err(toml_error)?;
+                    if !own_namespace {
+                        lease.namespace = kube.namespace.clone();
+                    }
+                    lease
+                }
+            };
+            Ok(PlacementSection::Kubernetes(Box::new(KubeSection {
+                kube,
+                lease,
+                store_url_given,
+                publisher_url_given,
+            })))
+        }
+    }
+}
+
+/// What the Kubernetes placement and its Lease would refuse at start, found by `dory validate`
+/// already.
+fn check_kube(k: &KubeSection, settings: &Settings) -> Result<(), String> {
+    if k.kube.namespace.is_empty() {
+        return Err("`placement.namespace` is empty".into());
+    }
+    if k.kube.instance.store_url.is_empty() {
+        return Err("`placement.instance.store_url` is empty: pods need their state store".into());
+    }
+    if k.kube.node_lost_toleration <= settings.planner.node_lost_grace {
+        return Err(format!(
+            "`placement.node_lost_toleration` ({}) must exceed `orchestrator.node_lost_grace` ({}): Kubernetes would evict a processor from a lost node before Dory fails it over",
+            crate::duration::format_duration(k.kube.node_lost_toleration),
+            crate::duration::format_duration(settings.planner.node_lost_grace)
+        ));
+    }
+    let l = &k.lease;
+    if l.name.is_empty() || l.namespace.is_empty() {
+        return Err("`placement.lease`: `name` and `namespace` must not be empty".into());
+    }
+    if l.duration.as_secs() == 0 || l.renew_every.is_zero() || l.retry_every.is_zero() {
+        return Err(
+            "`placement.lease`: `duration` (at least 1s), `renew_every` and `retry_every` must be set"
+                .into(),
+        );
+    }
+    if !(l.renew_every < l.renew_deadline && l.renew_deadline < l.duration) {
+        return Err(
+            "`placement.lease`: `renew_every` < `renew_deadline` < `duration` is required (the leader steps down before another replica may take over)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Checks what serde cannot: values that depend on each other.
 fn check(config: &DoryConfig) -> Result<(), String> {
-    let p = &config.placement;
-    if p.kind == PlacementKind::Local && p.nodes.is_empty() {
+    let nodes: &[NodeSection] = match &config.placement {
+        PlacementSection::Local(l) => &l.nodes,
+        PlacementSection::Kubernetes(_) => &[],
+    };
+    if config.placement.kind() == PlacementKind::Local && nodes.is_empty() {
         return Err(
             "`placement.nodes`: the local placement needs at least one `[[placement.nodes]]`"
                 .into(),
         );
     }
+    if config.placement.kind() == PlacementKind::Kubernetes {
+        // Pods run on other machines: a SQLite file or an output directory here is out of
+        // their reach.
+        if config.store.kind != StoreKind::Postgres {
+            return Err(
+                "`store.kind`: the kubernetes placement needs a store its pods reach over the network: `postgres`"
+                    .into(),
+            );
+        }
+        if config.publisher.kind != PublisherKind::Rabbitmq {
+            return Err(
+                "`publisher.kind`: the kubernetes placement needs a publisher its pods reach over the network: `rabbitmq` (the file publisher writes on this machine)"
+                    .into(),
+            );
+        }
+    }
     let mut seen = std::collections::BTreeSet::new();
-    for (i, n) in p.nodes.iter().enumerate() {
+    for (i, n) in nodes.iter().enumerate() {
         let valid = !n.id.is_empty()
             && n.id.len() <= 63
             && n.id
@@ -495,6 +739,7 @@ site = "cloud"
         assert_eq!(loaded.store_url(), "sqlite:///srv/dory/.dory/dory.db");
         assert_eq!(loaded.publisher_url(), "file:///srv/dory/.dory/output");
         assert_eq!(loaded.processors_file(), Path::new("/srv/dory/dory.toml"));
+        assert_eq!(loaded.replica_name(), "orchestrator");
         assert_eq!(loaded.nodes().len(), 1);
         let node = &loaded.nodes()[0];
         assert_eq!(
@@ -566,5 +811,113 @@ site = "cloud"
 
         let err = parse(&format!("[store]\nkind = \"postgres\"\n{MINIMAL}")).unwrap_err();
         assert!(err.contains("store.url"), "{err}");
+
+        let err = parse("[orchestrator]\n[placement]\nsite = \"edge\"\n").unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("placement.kind"),
+            "{err}"
+        );
+        let err = parse("[orchestrator]\n").unwrap_err();
+        assert!(err.contains("`placement`"), "{err}");
+    }
+
+    /// A kubernetes placement on the backends its pods can reach; `extra` goes at the end of
+    /// `[placement]`, line 3 on.
+    fn kube(extra: &str) -> String {
+        format!(
+            "[placement]\nkind = \"kubernetes\"\n{extra}\n[store]\nkind = \"postgres\"\nurl = \"postgres://dory@db:5432/dory?schema=dory\"\n[publisher]\nkind = \"rabbitmq\"\nurl = \"amqp://dory@mq:5672/%2f?exchange=dory\"\n"
+        )
+    }
+
+    #[test]
+    fn a_kubernetes_placement_gives_its_pods_the_store_publisher_and_lease() {
+        let text = format!(
+            "[orchestrator]\nlease = \"5s\"\nnode_lost_grace = \"30s\"\n{}",
+            kube(
+                "namespace = \"prod\"\ndefault_image = \"example/counter:1\"\n[placement.signals]\ncordon_is_drain = false\n"
+            )
+        );
+        let loaded = parse(&text).unwrap();
+        let k = loaded.kube().expect("kubernetes");
+        assert_eq!(k.kube.namespace, "prod");
+        assert_eq!(k.kube.default_image.as_deref(), Some("example/counter:1"));
+        assert!(!k.kube.signals.cordon_is_drain);
+        assert_eq!(
+            k.kube.instance.store_url,
+            "postgres://dory@db:5432/dory?schema=dory"
+        );
+        assert_eq!(
+            k.kube.instance.publisher_url.as_deref(),
+            Some("amqp://dory@mq:5672/%2f?exchange=dory")
+        );
+        assert_eq!(k.kube.instance.lease, Duration::from_secs(5));
+        // The Lease: defaults, in the placement's namespace, held as POD_NAME.
+        assert_eq!(k.lease.name, "dory-orchestrator");
+        assert_eq!(k.lease.namespace, "prod");
+        assert_eq!(k.lease.holder, "");
+        assert!(loaded.nodes().is_empty());
+
+        let text = kube(
+            "[placement.lease]\nname = \"other\"\nnamespace = \"ops\"\nholder = \"me\"\nduration = \"20s\"\n[placement.instance]\nstore_url = \"postgres://dory@db.internal/dory\"\n",
+        );
+        let loaded = parse(&text).unwrap();
+        let k = loaded.kube().unwrap();
+        assert_eq!(
+            (
+                k.lease.name.as_str(),
+                k.lease.namespace.as_str(),
+                k.lease.holder.as_str()
+            ),
+            ("other", "ops", "me")
+        );
+        assert_eq!(k.lease.duration, Duration::from_secs(20));
+        assert_eq!(
+            k.kube.instance.store_url,
+            "postgres://dory@db.internal/dory"
+        );
+        assert_eq!(
+            k.kube.instance.publisher_url.as_deref(),
+            Some("amqp://dory@mq:5672/%2f?exchange=dory")
+        );
+        // The store's leadership is held under the Lease holder's name too.
+        assert_eq!(loaded.replica_name(), "me");
+    }
+
+    #[test]
+    fn kubernetes_errors_name_line_and_key() {
+        // Line 3 is the first line of `extra`.
+        let err = parse(&kube("namespac = \"x\"\n")).unwrap_err();
+        assert!(err.contains("line 3") && err.contains("namespac"), "{err}");
+        let err = parse(&kube("sdk_port = \"eighty\"\n")).unwrap_err();
+        assert!(err.contains("line 3") && err.contains("eighty"), "{err}");
+        let err = parse(&kube("[placement.lease]\nrenew_evry = \"1s\"\n")).unwrap_err();
+        assert!(
+            err.contains("line 4") && err.contains("renew_evry"),
+            "{err}"
+        );
+        let err = parse(&kube("[placement.lease]\nduration = \"soon\"\n")).unwrap_err();
+        assert!(err.contains("line 4") && err.contains("soon"), "{err}");
+        let err = parse(&kube("[placement.lease]\nrenew_every = \"12s\"\n")).unwrap_err();
+        assert!(err.contains("renew_deadline"), "{err}");
+        let err = parse(&kube("[placement.instance]\nlease = \"3s\"\n")).unwrap_err();
+        assert!(
+            err.contains("line 4") && err.contains("orchestrator.lease"),
+            "{err}"
+        );
+        // Nodes are the cluster's own.
+        let err = parse(&kube(
+            "[[placement.nodes]]\nid = \"n1\"\nsite = \"cloud\"\n",
+        ))
+        .unwrap_err();
+        assert!(err.contains("line 3") && err.contains("nodes"), "{err}");
+        let err = parse(&kube("node_lost_toleration = \"10s\"\n")).unwrap_err();
+        assert!(err.contains("node_lost_grace"), "{err}");
+        // Pods cannot reach this machine's files.
+        let err = parse("[placement]\nkind = \"kubernetes\"\n").unwrap_err();
+        assert!(err.contains("store.kind"), "{err}");
+        let text = kube("").replace("kind = \"rabbitmq\"", "kind = \"file\"");
+        let text = text.replace("url = \"amqp://dory@mq:5672/%2f?exchange=dory\"\n", "");
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("publisher.kind"), "{err}");
     }
 }

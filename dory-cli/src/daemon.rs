@@ -17,17 +17,22 @@ use crate::config::Loaded;
 use crate::metrics::Metrics;
 
 /// Runs the orchestrator until SIGINT or SIGTERM. Instances keep running after it stops
-/// (each is in a session of its own); the next orchestrator re-adopts them.
+/// (local processes each in a session of their own, or pods); the next orchestrator
+/// re-adopts them.
+///
+/// One body for every placement: the orchestrator takes its backends as trait objects, and
+/// [`backends::placed`] gives the placement, its control channel and the leadership (on
+/// Kubernetes the store's inside a Lease).
 pub(crate) async fn run(loaded: Loaded, supervisor: Vec<String>) -> Result<()> {
     let store = backends::store(&loaded).await?;
     let config = backends::config_source(&loaded, &store).await?;
-    let placement = Arc::new(backends::placement(&loaded, supervisor)?);
+    let placed = backends::placed(&loaded, &store, supervisor).await?;
     let orchestrator = Orchestrator::builder(
         config,
-        placement,
-        backends::control(),
+        placed.placement,
+        placed.control,
         store.store.clone(),
-        store.leadership.clone(),
+        placed.leadership,
     )
     .status_sink(store.status.clone())
     .settings(loaded.settings.clone())
@@ -59,7 +64,7 @@ pub(crate) async fn run(loaded: Loaded, supervisor: Vec<String>) -> Result<()> {
         target: "dory::daemon",
         config = %loaded.path.display(),
         listen = %bound,
-        nodes = loaded.config.placement.nodes.len(),
+        placement = %placed.describe,
         "orchestrator starting"
     );
     orchestrator

@@ -2,12 +2,14 @@
 //!
 //! Every command reads the same `dory.toml` (`--config`, default `./dory.toml`): which
 //! placement, config source, state store and publisher to use, the virtual nodes of the local
-//! placement, the orchestrator's tunables, and (for the file config source) the processors.
+//! placement or the Kubernetes placement's settings, the orchestrator's tunables, and (for the
+//! file config source) the processors.
 //!
 //! Exit codes: 0 success, 1 the operation failed (a drain missed its deadline, a config has
 //! invalid processors, …), 2 usage or config file errors, 3 a backend could not be reached.
 
 mod backends;
+mod cluster;
 mod commands;
 mod config;
 mod daemon;
@@ -55,12 +57,20 @@ enum Command {
         output: Output,
     },
     /// Show the nodes: site, readiness, cordons, interruptions and the instances on each.
+    ///
+    /// On Kubernetes: the cluster's nodes and Dory's pods, read through KUBECONFIG (or the
+    /// pod's service account).
     Nodes {
         /// How to print it.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// Cordon a node and wait while the orchestrator moves every processor off it.
+    ///
+    /// On Kubernetes this cordons the node itself (`spec.unschedulable`, as `kubectl cordon`
+    /// does, through KUBECONFIG), which the orchestrator takes as a drain; it evicts nothing.
+    /// Once Dory's processors are off, `kubectl drain` the node for everything else: until
+    /// then Dory's PodDisruptionBudget makes its evictions of Dory pods wait.
     Drain {
         /// The node.
         node: String,
@@ -72,6 +82,8 @@ enum Command {
         no_wait: bool,
     },
     /// Let processors be placed on a node again.
+    ///
+    /// On Kubernetes this uncordons the node itself, as `kubectl uncordon` does.
     Uncordon {
         /// The node.
         node: String,
@@ -116,7 +128,8 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Fault operations on a local placement's virtual node.
+    /// Fault operations on a local placement's virtual node (not on Kubernetes: there the
+    /// nodes are real; use kubectl or the cloud's tools).
     Node {
         #[command(subcommand)]
         action: NodeAction,
@@ -150,7 +163,8 @@ enum SnapshotAction {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Verify one snapshot and show its header (default: the latest).
+    /// Verify one snapshot and show its header (default: the latest): its kind, and for a
+    /// delta the base it applies to (epoch, sequence) and whether that is still stored.
     Inspect {
         #[command(flatten)]
         at: SnapshotAt,
@@ -158,7 +172,8 @@ enum SnapshotAction {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Write one snapshot, verified, to a file (default: the latest).
+    /// Write one snapshot, verified, to a file (default: the latest). Always a full snapshot:
+    /// a delta is put together with its base from the store first.
     Export {
         #[command(flatten)]
         at: SnapshotAt,
@@ -167,7 +182,8 @@ enum SnapshotAction {
         to: PathBuf,
     },
     /// Make a snapshot file the processor's state; its next start restores it. Offline: no
-    /// orchestrator may be leading and no instance may hold the processor.
+    /// orchestrator may be leading and no instance may hold the processor. Takes a full
+    /// snapshot (as `export` writes); a delta is refused.
     Import {
         /// The snapshot file (from `export`).
         #[arg(long)]
@@ -335,6 +351,13 @@ async fn run(cli: Cli) -> Result<()> {
         } => commands::output(&load()?, &processor_id(&processor)?, check, tail, output),
         Command::Node { action } => {
             let loaded = load()?;
+            if let Some(k) = loaded.kube() {
+                return Err(anyhow::Error::new(UsageError(format!(
+                    "`dory node` plays faults on the local placement's virtual nodes; {} uses the kubernetes placement (namespace {}), whose nodes are real: use kubectl (cordon, taint) or the cloud's tools",
+                    loaded.path.display(),
+                    k.kube.namespace
+                ))));
+            }
             let nodes = dory_local::LocalNodes::new(&loaded.config.orchestrator.state_dir);
             match action {
                 NodeAction::Kill { node } => {

@@ -71,7 +71,9 @@ use crate::model::{Epoch, ProcessorId, Sequence, SnapshotMeta, StoredSnapshot, T
 mod bounded;
 mod delta;
 
-pub use delta::{Base, CHUNK_SIZE, DeltaBase, apply_delta, delta_base, resolve_delta};
+pub use delta::{
+    Base, CHUNK_SIZE, DeltaBase, apply_delta, apply_delta_to, delta_base, resolve_delta,
+};
 
 /// The first eight bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"DORYSNAP";

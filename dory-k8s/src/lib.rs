@@ -41,7 +41,7 @@ pub use config::{
 };
 pub use error::KubeError;
 pub use lease::{LeaseConfig, LeaseLeadership};
-pub use nodes::{interruption, interruption_seen};
+pub use nodes::{interruption, interruption_seen, node_model};
 pub use placement::{KubeControl, KubePlacement};
 pub use pods::{
     ANNOTATION_LAUNCH, ANNOTATION_MODE, ANNOTATION_NODE, ANNOTATION_REVISION, CONTAINER,

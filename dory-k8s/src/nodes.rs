@@ -70,6 +70,15 @@ pub fn interruption_seen(
     best.map(|(deadline, _, reason)| Interruption { reason, deadline })
 }
 
+/// A Kubernetes node as the planner sees it (site from the site label, readiness from the
+/// Ready condition and the lifecycle taints, allocatable capacity, the interruption its cordon
+/// and taints signal, a taint without `timeAdded` counted from `now`); `None` for a node
+/// without a name. What [`KubePlacement`](crate::KubePlacement) reports, for a reader that has
+/// only the node object (an operator's command).
+pub fn node_model(node: &KubeNode, config: &KubeConfig, now: Timestamp) -> Option<Node> {
+    to_model(node, config, |_| now)
+}
+
 /// The node as the planner sees it; `None` (with a warning) for a node without a name.
 pub(crate) fn to_model(
     node: &KubeNode,

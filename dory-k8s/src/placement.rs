@@ -76,6 +76,31 @@ struct State {
     instances: Vec<Instance>,
     nodes: Vec<Node>,
     next_generation: u64,
+    /// Instances a launch is creating: the launch itself records their token once their
+    /// Secret is written, so a pass that sees the pod first does not read the Secret (at
+    /// scale, most launched pods reach the watch before their Secret exists).
+    launching: BTreeSet<Key>,
+}
+
+/// Marks an instance as being launched for as long as it lives; when it goes (the launch
+/// returned, failed or was dropped), the next pass looks at the instance.
+struct Launching<'a> {
+    inner: &'a Inner,
+    key: Key,
+}
+
+impl<'a> Launching<'a> {
+    fn new(inner: &'a Inner, key: Key) -> Self {
+        lock(&inner.state).launching.insert(key.clone());
+        Launching { inner, key }
+    }
+}
+
+impl Drop for Launching<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.state).launching.remove(&self.key);
+        self.inner.poke.notify_one();
+    }
 }
 
 struct Inner {
@@ -454,11 +479,24 @@ impl Inner {
         let ready_nodes = self.ready_nodes();
         let now = tokio::time::Instant::now();
         let mut state = lock(&self.state);
-        state.tracked.retain(|k, _| views.contains_key(k));
+        // Only what is gone from the pod store goes: `views` may predate a pod a launch has
+        // just recorded (with its token), and a launch in flight keeps what it recorded.
+        let State {
+            tracked, launching, ..
+        } = &mut *state;
+        tracked.retain(|k, _| {
+            views.contains_key(k)
+                || launching.contains(k)
+                || self
+                    .pod_store
+                    .get(&ObjectRef::new(&pods::pod_name(&k.0, k.1)).within(&self.config.namespace))
+                    .is_some()
+        });
         let mut checks = Vec::new();
         let mut deferred = false;
         for (key, view) in &views {
             let fresh = Inner::generation(&mut state);
+            let launching = state.launching.contains(key);
             let t = state.tracked.entry(key.clone()).or_default();
             if t.uid.is_some() && t.uid != view.uid {
                 // Another pod under the same name: nothing known carries over.
@@ -477,7 +515,7 @@ impl Inner {
             if matches!(view.state, PodState::Ended(_)) {
                 continue;
             }
-            let needs_token = t.token.is_none();
+            let needs_token = t.token.is_none() && !launching;
             let needs_health = matches!(view.state, PodState::Alive { .. })
                 && !t.settled
                 && !t.terminating
@@ -724,6 +762,7 @@ impl Inner {
         let spec = &request.spec;
         let (processor, epoch) = (&spec.id, request.epoch);
         let name = pods::pod_name(processor, epoch);
+        let _launching = Launching::new(self, (processor.clone(), epoch));
         let nonce = pods::new_token()?;
         let manifests = pods::pod_manifest(request, &self.config, pods::new_token()?, &nonce)?;
         let pp = PostParams::default();

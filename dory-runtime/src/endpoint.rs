@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use dory_control::InstanceEndpoint;
-use dory_core::snapshot::{self, Limits};
+use dory_core::snapshot::{self, Base, Encoder, Limits, SnapshotKind};
 use dory_core::{Error, Health, Phase, Result, Sequence, SnapshotMeta};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -146,6 +146,78 @@ where
         }
     }
 
+    async fn full_snapshot(&self) -> Result<Bytes> {
+        let (bytes, meta, full_body) = match &self.shared.ctl.borrow().frozen {
+            Frozen::ForRequest {
+                bytes,
+                meta,
+                full_body,
+            } => (bytes.clone(), meta.clone(), full_body.clone()),
+            Frozen::No => {
+                return Err(Error::conflict(
+                    "the instance is not frozen; freeze it first",
+                ));
+            }
+        };
+        let Some(body) = full_body else {
+            return Ok(bytes);
+        };
+        // Only when the replacement could not take the delta: off the usual move's path, so
+        // encoded on demand rather than at every freeze.
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            Encoder::default().encode_body(
+                &shared.processor,
+                shared.epoch,
+                meta.sequence,
+                snapshot::Codec::Bincode,
+                &body,
+            )
+        })
+        .await
+        .map_err(|e| Error::unavailable(format!("encoding the full snapshot stopped: {e}")))?
+        .map(Bytes::from)
+    }
+
+    async fn precopy(&self, _timeout: Duration) -> Result<Bytes> {
+        // Bounded by the router, which drops this future at the timeout; a run loop that
+        // answers late only stored one more checkpoint.
+        let mut rx = self.shared.ctl.subscribe();
+        {
+            let c = rx.borrow();
+            if c.phase() != Phase::Running {
+                return Err(Error::conflict(format!(
+                    "the instance is {}; only a running instance pre-copies",
+                    c.phase()
+                )));
+            }
+            if let Some(why) = &c.fenced {
+                return Err(Error::fenced(why.clone()));
+            }
+        }
+        let mut request = 0;
+        self.shared.ctl.send_modify(|c| {
+            c.precopy_requested += 1;
+            request = c.precopy_requested;
+        });
+        let answered = rx
+            .wait_for(|c| {
+                c.precopied.as_ref().is_some_and(|p| p.request >= request)
+                    || c.fenced.is_some()
+                    || c.shutdown
+                    || c.freeze_waiters > 0
+            })
+            .await
+            .map_err(|_| Error::unavailable("the instance is stopping"))?;
+        match (&answered.precopied, &answered.fenced) {
+            (_, Some(why)) => Err(Error::fenced(why.clone())),
+            (Some(p), _) if p.request >= request => p.outcome.clone(),
+            _ => Err(Error::conflict(
+                "the instance is freezing or stopping; no pre-copy",
+            )),
+        }
+    }
+
     async fn load(&self, bytes: Bytes) -> Result<()> {
         let phase = self.shared.ctl.borrow().phase();
         if phase != Phase::Standby {
@@ -156,7 +228,26 @@ where
         let started = tokio::time::Instant::now();
         // Everything is checked before anything is kept: a refused snapshot leaves the
         // instance exactly as it was.
-        let (header, envelope) = snapshot::decode_state::<Envelope<S>>(&bytes, &self.limits)?;
+        // The kind only; the decode below verifies the checksum.
+        let is_full = snapshot::decode_header(&bytes)?.kind == SnapshotKind::Full;
+        let (header, envelope, base) = if is_full {
+            let (header, body) = snapshot::decode_body(&bytes, &self.limits)?;
+            let envelope = snapshot::decode_state_body::<Envelope<S>>(&header, &body)?;
+            // Kept decompressed: a pre-copy move's delta follows and applies to it.
+            let base = Base::of_decoded(&header, body)?;
+            (header, envelope, Some(Arc::new(base)))
+        } else {
+            // A pre-copy move's delta: it applies only to the full snapshot loaded before.
+            let base = self.shared.ctl.borrow().loaded_full.clone();
+            let Some(base) = base else {
+                return Err(Error::conflict(
+                    "the snapshot is a delta and no full snapshot is loaded for it to apply to",
+                ));
+            };
+            let (header, body) = snapshot::apply_delta_to(&base, &bytes, &self.limits)?;
+            let envelope = snapshot::decode_state_body::<Envelope<S>>(&header, &body)?;
+            (header, envelope, None)
+        };
         let (processor, epoch) = (&self.shared.processor, self.shared.epoch);
         if header.processor != *processor {
             return Err(Error::invalid(format!(
@@ -177,6 +268,7 @@ where
             )));
         }
         let output = envelope.sequence;
+        let mut base = base;
         let mut refused = None;
         self.shared.ctl.send_if_modified(|c: &mut Ctl| {
             if c.phase() != Phase::Standby {
@@ -197,6 +289,9 @@ where
             }
             *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) = Some(envelope);
             c.loaded = Some((header.epoch, header.sequence, bytes.clone()));
+            if let Some(base) = base.take() {
+                c.loaded_full = Some(base);
+            }
             true
         });
         if let Some(e) = refused {

@@ -9,18 +9,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dory_control::{ServerSettings, router};
-use dory_core::snapshot::{self, Encoder, Limits};
+use dory_core::snapshot::{self, Base, Codec, Encoder, Limits, SnapshotKind};
 use dory_core::{
     Clock, Error, Input, InputPosition, InstanceEnv, LaunchMode, Phase, Publisher, Sequence,
     SnapshotMeta, StateStore, StoredSnapshot, SystemClock,
 };
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::endpoint::{Endpoint, Envelope, EnvelopeRef, Loaded};
 use crate::error::RuntimeError;
 use crate::processor::{Context, Processor};
-use crate::shared::{Frozen, Shared};
+use crate::shared::{Frozen, PreCopied, Shared};
 
 /// How a runtime behaves beyond what the instance environment says.
 #[derive(Clone)]
@@ -313,6 +314,9 @@ impl<P: Processor> Runtime<P> {
             checkpointed: Sequence(0),
             last_checkpoint_ms: 0,
             state: P::State::default(),
+            base: None,
+            checkpoint_after_step: false,
+            precopy_put: None,
         };
         let mut run_task = tokio::spawn(run.run());
         tokio::pin!(shutdown);
@@ -397,6 +401,57 @@ struct RunLoop<P: Processor> {
     /// The version of the last committed checkpoint (or the restored/loaded snapshot).
     checkpointed: Sequence,
     last_checkpoint_ms: u64,
+    /// The full checkpoint a pre-copy stored: the next freeze sends only what changed since.
+    base: Option<Base>,
+    /// Store a full checkpoint after the next step: the state came as a delta, which the store
+    /// can only read beside its base, so a full one soon frees that pair.
+    checkpoint_after_step: bool,
+    /// A pre-copy's checkpoint being stored in the background: its version, and whether it was.
+    precopy_put: Option<(Sequence, oneshot::Receiver<bool>)>,
+}
+
+/// A pre-copy's full checkpoint on its way to the store.
+struct StoredBase {
+    bytes: Vec<u8>,
+    created_at: dory_core::Timestamp,
+    version: Sequence,
+    request: u64,
+}
+
+/// Stores a pre-copy's checkpoint (renewing the lease, as every checkpoint does) and answers
+/// the requests that asked for it with the stored bytes.
+async fn store_precopy(
+    shared: Arc<Shared>,
+    store: Arc<dyn StateStore>,
+    base: StoredBase,
+    stored: oneshot::Sender<bool>,
+) {
+    let sent = shared.now_ms();
+    let outcome = match StoredSnapshot::from_encoded(base.bytes, base.created_at) {
+        Ok(snapshot) => store
+            .put_checkpoint(&snapshot, shared.lease)
+            .await
+            .map(|_| Bytes::from(snapshot.bytes)),
+        Err(e) => Err(e),
+    };
+    match &outcome {
+        Ok(_) => {
+            shared.lease_renewed(sent);
+            shared.metrics.precopies.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(target: "dory::runtime", version = base.version.0, "pre-copied a full checkpoint");
+        }
+        Err(Error::Fenced(why)) => shared.fence(why.clone()),
+        Err(e) => {
+            tracing::warn!(target: "dory::runtime", "pre-copy failed; the move sends the whole state: {e}")
+        }
+    }
+    let _ = stored.send(outcome.is_ok());
+    shared.ctl.send_modify(|c| {
+        c.precopied = Some(PreCopied {
+            request: base.request,
+            outcome,
+        });
+    });
 }
 
 /// What a safe point decided.
@@ -437,6 +492,9 @@ impl<P: Processor> RunLoop<P> {
                         .metrics
                         .iterations
                         .fetch_add(1, Ordering::Relaxed);
+                    if std::mem::take(&mut self.checkpoint_after_step) {
+                        self.ctx.checkpoint_requested = true;
+                    }
                 }
                 Err(e) => {
                     if let Some(Error::Fenced(why)) = e.downcast_ref::<Error>() {
@@ -471,17 +529,15 @@ impl<P: Processor> RunLoop<P> {
                     continue;
                 }
             };
-            if let Some(stored) = &latest {
-                match snapshot::decode_state::<Envelope<P::State>>(
-                    &stored.bytes,
-                    &self.settings.limits,
-                ) {
+            if let Some(stored) = latest {
+                let size = stored.bytes.len() as u64;
+                match self.read_stored(stored.bytes).await {
                     Ok((header, envelope)) => {
                         self.adopt(envelope);
                         self.shared()
                             .metrics
                             .snapshot_bytes
-                            .store(stored.bytes.len() as u64, Ordering::Relaxed);
+                            .store(size, Ordering::Relaxed);
                         tracing::info!(target: "dory::runtime", from_epoch = header.epoch.0, sequence = header.sequence.0, "restored the latest snapshot");
                     }
                     Err(e) => {
@@ -538,6 +594,16 @@ impl<P: Processor> RunLoop<P> {
         if let Some(envelope) = envelope {
             self.adopt(envelope);
         }
+        let loaded_delta = shared
+            .ctl
+            .borrow()
+            .loaded
+            .as_ref()
+            .is_some_and(|(_, _, bytes)| {
+                snapshot::decode_header(bytes).is_ok_and(|h| h.kind == SnapshotKind::Delta)
+            });
+        self.checkpoint_after_step = loaded_delta;
+        shared.ctl.send_modify(|c| c.loaded_full = None);
         // A fresh owner trusts the orchestrator's commit for its first lease; the heartbeat
         // renews it (or finds it fenced) right after.
         shared.lease_renewed(shared.now_ms());
@@ -610,32 +676,45 @@ impl<P: Processor> RunLoop<P> {
 
     /// Between two steps: fenced, shutdown, freeze and checkpoints are handled here only.
     async fn safe_point(&mut self) -> Next {
-        let (fenced, shutdown, freeze) = {
+        let (fenced, shutdown, freeze, precopy) = {
             let c = self.shared().ctl.borrow();
-            (c.fenced.clone(), c.shutdown, c.freeze_waiters > 0)
+            (
+                c.fenced.clone(),
+                c.shutdown,
+                c.freeze_waiters > 0,
+                c.precopy_wanted(),
+            )
         };
         if let Some(reason) = fenced {
             self.shared().set_running(false);
             return Next::Stop(Exit::Fenced { reason });
         }
         if shutdown {
+            self.finish_precopy().await;
             return Next::Stop(self.final_save().await);
         }
         if freeze {
+            self.finish_precopy().await;
             return self.freeze().await;
+        }
+        self.poll_precopy();
+        if precopy {
+            self.precopy();
         }
         let due = self
             .shared()
             .now_ms()
             .saturating_sub(self.last_checkpoint_ms)
             >= self.checkpoint_interval.as_millis() as u64;
-        if due || self.ctx.checkpoint_requested {
+        // Not beside a pre-copy's write: a newer checkpoint landing first would refuse it.
+        if (due || self.ctx.checkpoint_requested) && self.precopy_put.is_none() {
             self.checkpoint().await;
         }
         Next::Step
     }
 
-    fn encode(&self) -> Result<Vec<u8>, Error> {
+    /// The state with the runtime's part of it, serialized: the body of a snapshot.
+    fn serialize(&self) -> Result<Vec<u8>, Error> {
         let envelope = EnvelopeRef {
             version: self.version.0,
             sequence: self.ctx.sequence.0,
@@ -643,17 +722,133 @@ impl<P: Processor> RunLoop<P> {
             state: &self.state,
         };
         let shared = self.shared();
-        let bytes = Encoder::default().encode_state(
+        snapshot::serialize_state(&shared.processor, shared.epoch, &envelope)
+    }
+
+    /// A full snapshot of `body` at the current version.
+    fn encode_full(&self, body: &[u8]) -> Result<Vec<u8>, Error> {
+        let shared = self.shared();
+        let bytes = Encoder::default().encode_body(
             &shared.processor,
             shared.epoch,
             self.version,
-            &envelope,
+            Codec::Bincode,
+            body,
         )?;
         shared
             .metrics
             .snapshot_bytes
             .store(bytes.len() as u64, Ordering::Relaxed);
         Ok(bytes)
+    }
+
+    /// A stored snapshot's state: a delta (a move's commit) is read beside its base. Owns
+    /// what it needs, so the run loop's future stays `Send` without `RunLoop` being `Sync`.
+    fn read_stored(
+        &self,
+        bytes: Vec<u8>,
+    ) -> impl Future<Output = Result<(snapshot::SnapshotHeader, Envelope<P::State>), Error>>
+    + Send
+    + 'static {
+        let store = self.store.clone();
+        let processor = self.shared().processor.clone();
+        let limits = self.settings.limits;
+        async move {
+            let Some(base) = snapshot::delta_base(&bytes)? else {
+                return snapshot::decode_state::<Envelope<P::State>>(&bytes, &limits);
+            };
+            let full = store
+                .get(&processor, base.epoch, base.sequence)
+                .await?
+                .ok_or_else(|| base.missing(&format!("restore of {processor}")))?;
+            let (header, body) = snapshot::apply_delta(&full.bytes, &bytes, &limits)?;
+            let envelope = snapshot::decode_state_body::<Envelope<P::State>>(&header, &body)?;
+            Ok((header, envelope))
+        }
+    }
+
+    /// Answers the pre-copy requests waiting: encodes a full checkpoint here, keeps its body
+    /// as the base the freeze's delta is taken against, and stores it in the background, so
+    /// the processor keeps stepping during the durable write; the answer follows the write.
+    fn precopy(&mut self) {
+        let shared = self.shared().clone();
+        // Taken now: a request made while this one is stored waits for the next.
+        let request = shared.ctl.borrow().precopy_requested;
+        let answer = |outcome: Result<Bytes, Error>| {
+            shared.ctl.send_modify(|c| {
+                c.precopied = Some(PreCopied { request, outcome });
+            });
+        };
+        if self.precopy_put.is_some() {
+            // Its write answers the requests it took; later ones get the next pre-copy.
+            return;
+        }
+        if self.version <= self.checkpointed {
+            // The store takes only newer sequences; the run loop steps between safe points,
+            // so this is a retry right after a checkpoint: the next request gets one.
+            return answer(Err(Error::conflict(
+                "no step since the last checkpoint; ask again after the next step",
+            )));
+        }
+        let encoded = self.serialize().and_then(|body| {
+            let bytes = self.encode_full(&body)?;
+            let base = Base::of_encoded(&bytes, body)?;
+            Ok((bytes, base))
+        });
+        let (bytes, base) = match encoded {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                tracing::warn!(target: "dory::runtime", "pre-copy failed; the move sends the whole state: {e}");
+                return answer(Err(e));
+            }
+        };
+        self.base = Some(base);
+        let (stored, settled) = oneshot::channel();
+        self.precopy_put = Some((self.version, settled));
+        tokio::spawn(store_precopy(
+            shared.clone(),
+            self.store.clone(),
+            StoredBase {
+                bytes,
+                created_at: self.settings.clock.now(),
+                version: self.version,
+                request,
+            },
+            stored,
+        ));
+    }
+
+    /// Takes the outcome of a pre-copy's background write if it is in: a stored base counts
+    /// as committed state; a failed one is dropped (the freeze then sends the whole state).
+    fn settle_precopy(&mut self, stored: bool) {
+        if let Some((version, _)) = self.precopy_put.take() {
+            if stored {
+                self.checkpointed = self.checkpointed.max(version);
+            } else {
+                self.base = None;
+            }
+        }
+    }
+
+    /// [`Self::settle_precopy`] when the write has answered, without waiting.
+    fn poll_precopy(&mut self) {
+        let polled = match &mut self.precopy_put {
+            Some((_, settled)) => settled.try_recv(),
+            None => return,
+        };
+        match polled {
+            Ok(stored) => self.settle_precopy(stored),
+            Err(oneshot::error::TryRecvError::Closed) => self.settle_precopy(false),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+    }
+
+    /// Waits for a pre-copy's background write (a freeze or the final save must not race it).
+    async fn finish_precopy(&mut self) {
+        if let Some((_, settled)) = &mut self.precopy_put {
+            let stored = settled.await.unwrap_or(false);
+            self.settle_precopy(stored);
+        }
     }
 
     /// Stores a checkpoint when a step ran since the last one (the store only takes sequences
@@ -666,13 +861,21 @@ impl<P: Processor> RunLoop<P> {
             shared.set_checkpoint_failing(false);
             return;
         }
+        self.store_checkpoint().await;
+    }
+
+    /// Stores a full checkpoint of the current version and does its bookkeeping (lease,
+    /// metrics, pruning, input release).
+    async fn store_checkpoint(&mut self) {
+        let shared = self.shared().clone();
         let mark = self.ctx.input.as_ref().map(|i| i.mark());
         let sent = shared.now_ms();
-        let result = match self.encode() {
-            Ok(bytes) => match StoredSnapshot::from_encoded(bytes, self.settings.clock.now()) {
-                Ok(snapshot) => self.store.put_checkpoint(&snapshot, shared.lease).await,
-                Err(e) => Err(e),
-            },
+        let result = match self
+            .serialize()
+            .and_then(|body| self.encode_full(&body))
+            .and_then(|bytes| StoredSnapshot::from_encoded(bytes, self.settings.clock.now()))
+        {
+            Ok(snapshot) => self.store.put_checkpoint(&snapshot, shared.lease).await,
             Err(e) => Err(e),
         };
         match result {
@@ -739,8 +942,8 @@ impl<P: Processor> RunLoop<P> {
         {
             tracing::warn!(target: "dory::runtime", "cannot pause the input: {e}");
         }
-        let bytes = match self.encode() {
-            Ok(bytes) => Bytes::from(bytes),
+        let (bytes, full_body) = match self.encode_frozen() {
+            Ok(encoded) => encoded,
             Err(e) => {
                 tracing::error!(target: "dory::runtime", "cannot snapshot the state: {e}");
                 self.wait_or_safe_point(self.settings.retry).await;
@@ -757,7 +960,11 @@ impl<P: Processor> RunLoop<P> {
         shared.set_running(false);
         shared.ctl.send_modify(|c| {
             c.phase = Some(Phase::Frozen);
-            c.frozen = Frozen::ForRequest { bytes, meta };
+            c.frozen = Frozen::ForRequest {
+                bytes,
+                meta,
+                full_body,
+            };
         });
         shared.metrics.freezes.fetch_add(1, Ordering::Relaxed);
         shared
@@ -786,9 +993,35 @@ impl<P: Processor> RunLoop<P> {
         }
         if resume && !shared.is_fenced() {
             tracing::info!(target: "dory::runtime", "resumed");
+            // The move this base was for did not happen; the next one pre-copies again.
+            self.base = None;
             self.set_running();
         }
         Next::Step
+    }
+
+    /// The frozen snapshot: a delta against the pre-copied base when there is one and the
+    /// state stepped since (with the body kept, for a full snapshot on demand), else full.
+    fn encode_frozen(&self) -> Result<(Bytes, Option<Bytes>), Error> {
+        let body = self.serialize()?;
+        match &self.base {
+            Some(base) if self.version > base.id.sequence => {
+                let shared = self.shared();
+                let bytes = Encoder::default().encode_delta(
+                    &shared.processor,
+                    shared.epoch,
+                    self.version,
+                    base,
+                    &body,
+                )?;
+                shared
+                    .metrics
+                    .snapshot_bytes
+                    .store(bytes.len() as u64, Ordering::Relaxed);
+                Ok((Bytes::from(bytes), Some(Bytes::from(body))))
+            }
+            _ => Ok((Bytes::from(self.encode_full(&body)?), None)),
+        }
     }
 
     /// The shutdown path: a frozen instance that no longer owns the processor exits without

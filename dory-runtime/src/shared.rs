@@ -4,10 +4,12 @@
 //!
 //! [`Context`]: crate::Context
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use dory_core::snapshot::Base;
 use dory_core::{Epoch, Error, Phase, ProcessorId, Result, Sequence, SnapshotMeta};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -18,8 +20,25 @@ pub(crate) enum Frozen {
     /// Not frozen.
     #[default]
     No,
-    /// Frozen for a `POST /state/freeze`, holding this exact snapshot.
-    ForRequest { bytes: Bytes, meta: SnapshotMeta },
+    /// Frozen for a `POST /state/freeze`, holding this exact snapshot: a delta when the
+    /// instance pre-copied a base, with the serialized state kept in `full_body` so that
+    /// `GET /state/full` can still answer the whole state.
+    ForRequest {
+        bytes: Bytes,
+        meta: SnapshotMeta,
+        full_body: Option<Bytes>,
+    },
+}
+
+/// The run loop's answer to the pre-copy requests it took at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PreCopied {
+    /// The last request answered ([`Ctl::precopy_requested`] when the run loop took them): a
+    /// request waits for an answer to itself, never for one begun before it asked, whose base
+    /// a later pre-copy would already have replaced.
+    pub(crate) request: u64,
+    /// The stored full checkpoint, or why there is none.
+    pub(crate) outcome: Result<Bytes, Error>,
 }
 
 /// The control state every party reads and the run loop acts on at its safe points.
@@ -37,6 +56,13 @@ pub(crate) struct Ctl {
     pub(crate) fenced: Option<String>,
     /// A snapshot loaded in standby: its (epoch, sequence) and bytes, for idempotence.
     pub(crate) loaded: Option<(Epoch, Sequence, Bytes)>,
+    /// The last full snapshot loaded in standby, decompressed: the base a pre-copy move's
+    /// delta applies to.
+    pub(crate) loaded_full: Option<Arc<Base>>,
+    /// Pre-copy requests made so far, each numbered by this count when it was made.
+    pub(crate) precopy_requested: u64,
+    /// The answer to the last pre-copy requests taken.
+    pub(crate) precopied: Option<PreCopied>,
     /// Why the run loop has frozen itself (lease or checkpoint trouble), if it has.
     pub(crate) paused: Option<String>,
 }
@@ -48,7 +74,12 @@ impl Ctl {
 
     /// Whether the run loop must stop at its next safe point.
     pub(crate) fn wants_safe_point(&self) -> bool {
-        self.freeze_waiters > 0 || self.shutdown || self.fenced.is_some()
+        self.freeze_waiters > 0 || self.precopy_wanted() || self.shutdown || self.fenced.is_some()
+    }
+
+    /// Whether a pre-copy request is still unanswered.
+    pub(crate) fn precopy_wanted(&self) -> bool {
+        self.precopy_requested > self.precopied.as_ref().map_or(0, |p| p.request)
     }
 }
 
@@ -64,6 +95,7 @@ pub(crate) struct Metrics {
     pub(crate) snapshot_bytes: AtomicU64,
     pub(crate) freeze_ms: AtomicU64,
     pub(crate) freezes: AtomicU64,
+    pub(crate) precopies: AtomicU64,
     pub(crate) restore_ms: AtomicU64,
     pub(crate) step_errors: AtomicU64,
 }
@@ -262,6 +294,12 @@ impl Shared {
             "counter",
             "Freezes completed.",
             get(&m.freezes).to_string(),
+        );
+        metric(
+            "dory_precopies_total",
+            "counter",
+            "Full checkpoints stored for a move's pre-copy.",
+            get(&m.precopies).to_string(),
         );
         metric(
             "dory_freeze_duration_seconds",

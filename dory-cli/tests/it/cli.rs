@@ -1,21 +1,6 @@
 //! The command line: help, config errors and exit codes.
 
-use std::process::Command;
-
-use crate::support::dory_bin;
-
-fn dory(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
-    let out = Command::new(dory_bin())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run dory");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::dory;
 
 const NODES: &str =
     "[placement]\nkind = \"local\"\n[[placement.nodes]]\nid = \"n1\"\nsite = \"cloud\"\n";

@@ -24,6 +24,20 @@ pub(crate) fn dory_bin() -> &'static str {
     env!("CARGO_BIN_EXE_dory")
 }
 
+/// Runs `dory` in `dir`: exit code, stdout, stderr.
+pub(crate) fn dory(args: &[&str], dir: &Path) -> (i32, String, String) {
+    let out = std::process::Command::new(dory_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run dory");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The counter example binary (`DORY_COUNTER_BIN`; `scripts/test.sh` builds it). `None`
 /// skips a test outside CI; under `CI=true` a missing binary fails it.
 pub(crate) fn counter_bin() -> Option<PathBuf> {

@@ -549,6 +549,12 @@ enum CommitState {
     Unknown,
 }
 
+/// Whether `bytes` is a delta snapshot (unreadable bytes are not: their load error stands).
+fn is_delta(bytes: &[u8]) -> bool {
+    crate::snapshot::decode_header(bytes)
+        .is_ok_and(|h| h.kind == crate::snapshot::SnapshotKind::Delta)
+}
+
 /// Where a make-before-break move stands. Steps before [`MoveStep::Commit`] roll back on
 /// failure; the commit and the steps after it roll forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -559,6 +565,10 @@ enum MoveStep {
     Launch,
     /// Wait until the replacement is healthy in standby.
     AwaitStandby,
+    /// Have the old instance store a full checkpoint while it runs and load it into the
+    /// replacement, so the freeze sends only what changed since. Never fails the move: without
+    /// it the freeze sends the whole state.
+    PreCopy,
     /// Freeze the old instance at a safe point.
     Freeze,
     /// Fetch the frozen snapshot.
@@ -668,6 +678,10 @@ impl<'a> MoveOp<'a> {
                     })
                     .await?;
                 self.replacement = ready;
+                MoveStep::PreCopy
+            }
+            MoveStep::PreCopy => {
+                self.precopy().await;
                 MoveStep::Freeze
             }
             MoveStep::Freeze => {
@@ -691,8 +705,23 @@ impl<'a> MoveOp<'a> {
             }
             MoveStep::Load => {
                 let bytes = self.snapshot.as_deref().unwrap_or_default();
-                op.call("load snapshot", op.ctl().load(self.replacement()?, bytes))
-                    .await?;
+                let loaded = op
+                    .call("load snapshot", op.ctl().load(self.replacement()?, bytes))
+                    .await;
+                if let Err(e) = loaded {
+                    if !is_delta(bytes) {
+                        return Err(e);
+                    }
+                    // The replacement lacks the delta's base (the pre-copy did not reach it):
+                    // the whole state, then.
+                    tracing::info!(target: "dory::orchestrator", error = %e, "the replacement refused the delta; sending the whole state");
+                    let full = op
+                        .call("fetch full snapshot", op.ctl().fetch_full(&self.old))
+                        .await?;
+                    op.call("load snapshot", op.ctl().load(self.replacement()?, &full))
+                        .await?;
+                    self.snapshot = Some(full);
+                }
                 if self.fault() == PlantedFault::ResumeBeforeCommit {
                     op.call("resume replacement", op.ctl().resume(self.replacement()?))
                         .await?;
@@ -702,7 +731,19 @@ impl<'a> MoveOp<'a> {
             MoveStep::Commit => {
                 let bytes = self.snapshot.take().unwrap_or_default();
                 let epoch = self.epoch.unwrap_or_default();
-                op.commit(p, self.old.epoch, epoch, bytes).await?;
+                let delta = is_delta(&bytes);
+                match op.commit(p, self.old.epoch, epoch, bytes).await {
+                    Err(Error::Conflict(why)) if delta => {
+                        // A store refuses a delta whose base it no longer holds, and a refusal
+                        // changes nothing: commit the whole state instead.
+                        tracing::info!(target: "dory::orchestrator", error = %why, "the store refused the delta; committing the whole state");
+                        let full = op
+                            .call("fetch full snapshot", op.ctl().fetch_full(&self.old))
+                            .await?;
+                        op.commit(p, self.old.epoch, epoch, full).await?;
+                    }
+                    committed => committed?,
+                }
                 MoveStep::Resume
             }
             MoveStep::Resume => {
@@ -721,6 +762,31 @@ impl<'a> MoveOp<'a> {
             MoveStep::Done => MoveStep::Done,
         };
         Ok(())
+    }
+
+    /// The pre-copy step: failures are logged, never fatal.
+    async fn precopy(&mut self) {
+        let op = self.op;
+        let Ok(replacement) = self.replacement().cloned() else {
+            return;
+        };
+        let timeout = op.inner.settings.freeze_timeout;
+        let base = match op
+            .call("pre-copy", op.ctl().precopy(&self.old, timeout))
+            .await
+        {
+            Ok(base) => base,
+            Err(e) => {
+                tracing::debug!(target: "dory::orchestrator", error = %e, "no pre-copy; the freeze sends the whole state");
+                return;
+            }
+        };
+        if let Err(e) = op
+            .call("load pre-copied state", op.ctl().load(&replacement, &base))
+            .await
+        {
+            tracing::warn!(target: "dory::orchestrator", error = %e, "the replacement did not take the pre-copied state; the freeze sends the whole state");
+        }
     }
 
     /// A step failed: roll back before the commit, leave the rest to the next round after it.

@@ -93,7 +93,12 @@ impl Base {
     /// The base of the full snapshot `bytes`, whose uncompressed body is `body` (the caller
     /// serialized it and encoded `bytes` from it, so neither is decoded again).
     pub fn of_encoded(bytes: &[u8], body: Vec<u8>) -> Result<Base> {
-        let header = verify(bytes)?;
+        Base::of_decoded(&verify(bytes)?, body)
+    }
+
+    /// The base of the full snapshot whose header is `header` and whose decompressed body is
+    /// `body`, both already read and checked (e.g. by [`decode_body`](super::decode_body)).
+    pub fn of_decoded(header: &SnapshotHeader, body: Vec<u8>) -> Result<Base> {
         header.require_full()?;
         if header.raw_len != body.len() as u64 {
             return Err(header.invalid(format!(
@@ -254,6 +259,39 @@ pub fn apply_delta(
     limits: &Limits,
 ) -> Result<(SnapshotHeader, Vec<u8>)> {
     let header = verify(delta)?;
+    let (base_header, body) = super::decode_body(base, limits)
+        .map_err(|e| e.context(format!("the base of delta {}", header.sequence)))?;
+    if base_header.processor != header.processor {
+        return Err(header.invalid(format!(
+            "delta {} is of processor {}, its base of {}",
+            header.sequence, header.processor, base_header.processor
+        )));
+    }
+    apply_verified(
+        header,
+        &Base::of_decoded(&base_header, body)?,
+        delta,
+        limits,
+    )
+}
+
+/// [`apply_delta`] onto a base already decompressed (and checked when it was read), e.g. the
+/// full snapshot a standby instance loaded before the delta: the base is not decompressed
+/// again.
+pub fn apply_delta_to(
+    base: &Base,
+    delta: &[u8],
+    limits: &Limits,
+) -> Result<(SnapshotHeader, Vec<u8>)> {
+    apply_verified(verify(delta)?, base, delta, limits)
+}
+
+fn apply_verified(
+    header: SnapshotHeader,
+    base: &Base,
+    delta: &[u8],
+    limits: &Limits,
+) -> Result<(SnapshotHeader, Vec<u8>)> {
     if header.kind != SnapshotKind::Delta {
         return Err(header.invalid(format!(
             "sequence {} is a {} snapshot, not a delta",
@@ -262,30 +300,22 @@ pub fn apply_delta(
     }
     let body = &delta[header.len()..];
     let prefix = read_prefix(&header, body)?;
-    let (base_header, base_body) = super::decode_body(base, limits)
-        .map_err(|e| e.context(format!("the base of delta {}", header.sequence)))?;
-    let found = DeltaBase {
-        epoch: base_header.epoch,
-        sequence: base_header.sequence,
-        checksum: base_header.checksum,
-    };
-    if found != prefix.base || base_header.processor != header.processor {
+    if base.id != prefix.base {
         return Err(header.invalid(format!(
-            "delta {} applies to epoch {} {} (checksum 0x{:016x}), not to processor {} epoch {} {} (checksum 0x{:016x})",
+            "delta {} applies to epoch {} {} (checksum 0x{:016x}), not to epoch {} {} (checksum 0x{:016x})",
             header.sequence,
             prefix.base.epoch,
             prefix.base.sequence,
             prefix.base.checksum,
-            base_header.processor,
-            found.epoch,
-            found.sequence,
-            found.checksum
+            base.id.epoch,
+            base.id.sequence,
+            base.id.checksum
         )));
     }
-    if base_header.codec != header.codec {
+    if base.codec != header.codec {
         return Err(header.invalid(format!(
             "delta codec {} differs from its base's {}",
-            header.codec, base_header.codec
+            header.codec, base.codec
         )));
     }
     let raw_len = header.raw_len;
@@ -321,7 +351,11 @@ pub fn apply_delta(
     let (indexes, mut data) = changes
         .split_at_checked(prefix.changed * 4)
         .ok_or_else(|| header.invalid("delta changes are shorter than their index list"))?;
-    let mut target = base_body;
+    let mut target = Vec::new();
+    target
+        .try_reserve_exact(raw_len)
+        .map_err(|_| header.invalid(format!("cannot allocate {raw_len} bytes for the state")))?;
+    target.extend_from_slice(&base.body[..base.body.len().min(raw_len)]);
     target.resize(raw_len, 0);
     let mut last = None;
     for index in indexes.chunks_exact(4) {

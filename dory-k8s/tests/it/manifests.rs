@@ -421,12 +421,21 @@ fn the_configmap_holds_a_dory_toml_that_fits_the_deployment_and_rbac() {
         );
     }
 
-    // The kubernetes keys of [placement] are those of KubeConfig, which refuses any other.
+    // The kubernetes keys of [placement] are those of KubeConfig, which refuses any other,
+    // and [placement.lease] is a LeaseConfig (as the `dory` command reads them).
     let mut placement = config["placement"]
         .as_table()
         .expect("[placement] is a table")
         .clone();
     placement.remove("kind");
+    let lease: LeaseConfig = placement
+        .remove("lease")
+        .map(|v| {
+            v.try_into().unwrap_or_else(|e| {
+                panic!("config.yaml: [placement.lease] is not a LeaseConfig: {e}")
+            })
+        })
+        .unwrap_or_default();
     let kube: KubeConfig = toml::Value::Table(placement)
         .try_into()
         .unwrap_or_else(|e| panic!("config.yaml: [placement] is not a KubeConfig: {e}"));
@@ -448,8 +457,9 @@ fn the_configmap_holds_a_dory_toml_that_fits_the_deployment_and_rbac() {
     ));
     assert_eq!(processor_sa.automount_service_account_token, Some(false));
 
-    // The Lease the replicas elect a leader with (dory.toml leaves its name at the default) is
-    // the one the Role lets them read and renew.
+    // The Lease the replicas elect a leader with is the one the Role lets them read and renew,
+    // in the namespace the Role applies to (the `dory` command puts the Lease in the
+    // placement's namespace unless [placement.lease] names another).
     let role: Role = typed(find(&docs, "Role", "dory-orchestrator"));
     let lease_names: Vec<Vec<String>> = role
         .rules
@@ -458,8 +468,15 @@ fn the_configmap_holds_a_dory_toml_that_fits_the_deployment_and_rbac() {
         .filter(|r| r.resources.as_deref() == Some(&["leases".to_string()][..]))
         .filter_map(|r| r.resource_names)
         .collect();
-    assert_eq!(lease_names, [vec![LeaseConfig::default().name]]);
-    assert_eq!(LeaseConfig::default().namespace, namespace);
+    assert_eq!(lease_names, [vec![lease.name.clone()]]);
+    let lease_table = config["placement"]
+        .get("lease")
+        .and_then(toml::Value::as_table);
+    let lease_namespace = match lease_table.and_then(|t| t.get("namespace")) {
+        Some(_) => lease.namespace.as_str(),
+        None => kube.namespace.as_str(),
+    };
+    assert_eq!(lease_namespace, namespace);
 
     // The daemon listens where the probes and the container port point, reads the file where
     // the ConfigMap is mounted, and keeps its state where it may write.

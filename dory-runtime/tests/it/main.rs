@@ -4,5 +4,6 @@
 mod address;
 mod lifecycle;
 mod limits;
+mod precopy;
 mod safety;
 mod support;

@@ -783,6 +783,7 @@ impl<P: Processor> RunLoop<P> {
             // Its write answers the requests it took; later ones get the next pre-copy.
             return;
         }
+        shared.ctl.send_modify(|c| c.precopy_taken = request);
         if self.version <= self.checkpointed {
             // The store takes only newer sequences; the run loop steps between safe points,
             // so this is a retry right after a checkpoint: the next request gets one.

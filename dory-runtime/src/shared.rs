@@ -61,6 +61,9 @@ pub(crate) struct Ctl {
     pub(crate) loaded_full: Option<Arc<Base>>,
     /// Pre-copy requests made so far, each numbered by this count when it was made.
     pub(crate) precopy_requested: u64,
+    /// The last request the run loop has taken on (its answer may still be on its way: the
+    /// write runs beside the processor, which need not stop for it).
+    pub(crate) precopy_taken: u64,
     /// The answer to the last pre-copy requests taken.
     pub(crate) precopied: Option<PreCopied>,
     /// Why the run loop has frozen itself (lease or checkpoint trouble), if it has.
@@ -77,9 +80,9 @@ impl Ctl {
         self.freeze_waiters > 0 || self.precopy_wanted() || self.shutdown || self.fenced.is_some()
     }
 
-    /// Whether a pre-copy request is still unanswered.
+    /// Whether a pre-copy request waits for the run loop to take it on.
     pub(crate) fn precopy_wanted(&self) -> bool {
-        self.precopy_requested > self.precopied.as_ref().map_or(0, |p| p.request)
+        self.precopy_requested > self.precopy_taken
     }
 }
 

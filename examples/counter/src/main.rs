@@ -93,7 +93,12 @@ impl Processor for Counter {
         // same sequence and body.
         ctx.publish(None, next.to_string().into_bytes()).await?;
         *count = next;
-        tokio::time::sleep(self.interval).await;
+        // Cut short when the runtime wants a safe point, so a freeze never waits out the
+        // interval.
+        tokio::select! {
+            () = tokio::time::sleep(self.interval) => {}
+            () = ctx.safe_point_wanted() => {}
+        }
         Ok(())
     }
 }

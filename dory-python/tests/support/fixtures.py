@@ -128,10 +128,12 @@ class Counter:
 
     def config(self, interval_ms: int = 5, **python: Any) -> Dict[str, Any]:
         """``DORY_CONFIG`` of the counter; ``python`` keys go only to the Python counter
-        (the Rust one refuses unknown keys)."""
+        (the Rust one refuses unknown keys), but for ``spin``, which both read."""
         config: Dict[str, Any] = {"interval_ms": interval_ms}
         if self.kind == "python":
             config.update(python)
+        elif "spin" in python:
+            config["spin"] = python["spin"]
         return config
 
     def launch(

@@ -13,7 +13,9 @@
 //!   exchange with the processor id as routing key. Messages are mandatory: until a queue is
 //!   bound to receive them, publishing fails and the count does not advance.
 //! - `DORY_INPUT_URL` must not be set: the counter consumes no input.
-//! - `DORY_CONFIG`: optional JSON `{"interval_ms": 100}`, the pause after each count.
+//! - `DORY_CONFIG`: optional JSON `{"interval_ms": 100, "spin": false}`: the pause after each
+//!   count, cut short when the runtime wants a safe point; with `"spin": true` it is not, as
+//!   user code stuck in a long computation (what freeze timeouts are tested with).
 //!
 //! Each message's body is the count in decimal; its `dory-sequence` header is the output
 //! sequence, which equals the count, across checkpoints, restarts and moves.
@@ -52,11 +54,16 @@ mod orchestrate;
 struct CounterConfig {
     /// The pause after each count.
     interval_ms: u64,
+    /// The pause ignores the runtime's safe points (user code stuck in a computation).
+    spin: bool,
 }
 
 impl Default for CounterConfig {
     fn default() -> Self {
-        CounterConfig { interval_ms: 100 }
+        CounterConfig {
+            interval_ms: 100,
+            spin: false,
+        }
     }
 }
 
@@ -81,6 +88,7 @@ impl CounterConfig {
 /// travels in every checkpoint and move.
 struct Counter {
     interval: Duration,
+    spin: bool,
 }
 
 #[async_trait]
@@ -93,6 +101,10 @@ impl Processor for Counter {
         // same sequence and body.
         ctx.publish(None, next.to_string().into_bytes()).await?;
         *count = next;
+        if self.spin {
+            tokio::time::sleep(self.interval).await;
+            return Ok(());
+        }
         // Cut short when the runtime wants a safe point, so a freeze never waits out the
         // interval.
         tokio::select! {
@@ -135,6 +147,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let backends = Backends::connect(&env).await?;
     let counter = Counter {
         interval: Duration::from_millis(config.interval_ms),
+        spin: config.spin,
     };
     let runtime = Runtime::bind(
         env,

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use dory_benches::{BoxError, ms, percentiles};
+use dory_benches::{BoxError, load_average, ms, percentiles};
 use dory_control::HttpControl;
 use dory_core::orchestrator::{Event, EventKind, Orchestrator, OrchestratorHandle, Settings};
 use dory_core::{
@@ -991,13 +991,6 @@ fn print_tails(row: &Row) {
                 .map_or(0.0, |(_, answered)| ms(between(answered, s.first))),
         );
     }
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn main() {

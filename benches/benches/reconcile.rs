@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use dory_benches::{BoxError, ms, percentiles};
+use dory_benches::{BoxError, load_average, ms, percentiles};
 use dory_core::orchestrator::{Orchestrator, Settings};
 use dory_core::{
     Epoch, Health, Phase, Placement, ProcessorId, ProcessorSpec, Resources, Sequence, SystemClock,
@@ -114,13 +114,6 @@ fn memory() -> (f64, f64) {
             .map_or(0.0, |kb| kb / 1024.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 // ---------------------------------------------------------------------------- the child

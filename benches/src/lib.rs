@@ -148,3 +148,10 @@ impl BenchSchema {
         result
     }
 }
+
+/// The 1, 5 and 15 minute load averages, for a bench to print beside its figures.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}

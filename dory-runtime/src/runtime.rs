@@ -793,7 +793,9 @@ impl<P: Processor> RunLoop<P> {
         }
         let encoded = self.serialize().and_then(|body| {
             let bytes = self.encode_full(&body)?;
-            let base = Base::of_encoded(&bytes, body)?;
+            // Just encoded: its header is read, not its checksum verified again (the store
+            // verifies the bytes once, in the background).
+            let base = Base::of_decoded(&snapshot::decode_header(&bytes)?, body)?;
             Ok((bytes, base))
         });
         let (bytes, base) = match encoded {

@@ -31,8 +31,9 @@
 //! between rounds (nothing in Dory prunes them yet); the checkpoint interval is an hour, so
 //! no periodic checkpoint lands in a measurement.
 //!
-//! `cargo bench -p dory-benches --bench move_pause`. Without `--bench` (as under
-//! `cargo test --benches`) it makes two moves and two restarts of 1 KiB as a smoke test.
+//! `cargo bench -p dory-benches --bench move_pause` (`DORY_BENCH_SIZES=1MiB` for one size).
+//! Without `--bench` (as under `cargo test --benches`) it makes two moves and two restarts of
+//! 1 KiB as a smoke test.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -651,16 +652,26 @@ struct Row {
 }
 
 /// The sizes and how many moves (and as many restarts) each.
-fn plans(full: bool) -> &'static [(&'static str, usize, usize)] {
-    if full {
-        &[
-            ("1 KiB", 1 << 10, 100),
-            ("1 MiB", 1 << 20, 100),
-            ("64 MiB", 64 << 20, 30),
-        ]
-    } else {
-        &[("1 KiB", 1 << 10, 2)]
+/// `DORY_BENCH_SIZES` (labels without spaces, comma-separated: `1MiB,64MiB`) keeps only
+/// those sizes of a full run.
+fn plans(full: bool) -> Vec<(&'static str, usize, usize)> {
+    if !full {
+        return vec![("1 KiB", 1 << 10, 2)];
     }
+    let only = std::env::var("DORY_BENCH_SIZES").ok();
+    [
+        ("1 KiB", 1 << 10, 100),
+        ("1 MiB", 1 << 20, 100),
+        ("64 MiB", 64 << 20, 30),
+    ]
+    .into_iter()
+    .filter(|(label, _, _)| {
+        only.as_deref().is_none_or(|only| {
+            only.split(',')
+                .any(|wanted| wanted.trim() == label.replace(' ', ""))
+        })
+    })
+    .collect()
 }
 
 /// `rounds` moves and restarts of a `size`-byte state, alternating.
@@ -927,7 +938,7 @@ async fn bench(full: bool) -> Result<()> {
     println!("load average before: {}", load_average());
     let mut rows = Vec::new();
     let result = async {
-        for &(label, size, rounds) in plans(full) {
+        for (label, size, rounds) in plans(full) {
             let row = measure(&dory, &baseline, label, size, rounds).await?;
             println!(
                 "{label}: {} moves, {} restarts in {:.0} s; load average {}",

@@ -72,7 +72,8 @@ mod bounded;
 mod delta;
 
 pub use delta::{
-    Base, CHUNK_SIZE, DeltaBase, apply_delta, apply_delta_to, delta_base, resolve_delta,
+    Base, CHUNK_SIZE, DeltaBase, apply_delta, apply_delta_into, apply_delta_to, delta_base,
+    resolve_delta,
 };
 
 /// The first eight bytes of every snapshot.
@@ -494,23 +495,40 @@ pub fn serialize_state<T: Serialize>(
     epoch: Epoch,
     state: &T,
 ) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(state, bincode::config::standard()).map_err(|e| {
-        Error::invalid(format!(
-            "snapshot of processor {processor} epoch {epoch}: state of type {} cannot be serialized with bincode: {e}",
-            type_name::<T>()
-        ))
-    })
+    bincode::serde::encode_to_vec(state, bincode::config::standard())
+        .map_err(|e| unserializable::<T>(processor, epoch, &e))
+}
+
+/// [`serialize_state`] into `out` (cleared first), so a caller that keeps one buffer for its
+/// state's body reuses its memory instead of allocating (and page-faulting in) a fresh
+/// state-sized one every time.
+pub fn serialize_state_into<T: Serialize>(
+    processor: &ProcessorId,
+    epoch: Epoch,
+    state: &T,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    out.clear();
+    bincode::serde::encode_into_std_write(state, out, bincode::config::standard())
+        .map(|_| ())
+        .map_err(|e| unserializable::<T>(processor, epoch, &e))
+}
+
+fn unserializable<T>(
+    processor: &ProcessorId,
+    epoch: Epoch,
+    e: &bincode::error::EncodeError,
+) -> Error {
+    Error::invalid(format!(
+        "snapshot of processor {processor} epoch {epoch}: state of type {} cannot be serialized with bincode: {e}",
+        type_name::<T>()
+    ))
 }
 
 /// Deserializes a decompressed [`Codec::Bincode`] body (from [`decode_body`] or
 /// [`apply_delta`]) of the snapshot `header` describes; any other codec is an error naming it.
 pub fn decode_state_body<T: DeserializeOwned>(header: &SnapshotHeader, body: &[u8]) -> Result<T> {
-    if header.codec != Codec::Bincode {
-        return Err(header.invalid(format!(
-            "codec {} is not Rust state (only bincode is); read the body with decode_body",
-            header.codec
-        )));
-    }
+    require_bincode(header)?;
     let (state, used) = bounded::decode::<T>(body).map_err(|e| {
         let why = match e {
             bincode::error::DecodeError::UnexpectedEnd { .. } => {
@@ -531,6 +549,31 @@ pub fn decode_state_body<T: DeserializeOwned>(header: &SnapshotHeader, body: &[u
         )));
     }
     Ok(state)
+}
+
+/// Deserializes the leading fields of a decompressed [`Codec::Bincode`] body as `T` (a struct
+/// of the state type's first fields, in order) and ignores the rest, so a caller can check
+/// them before it decodes the whole state (or while another thread does).
+pub fn decode_state_head<T: DeserializeOwned>(header: &SnapshotHeader, body: &[u8]) -> Result<T> {
+    require_bincode(header)?;
+    bounded::decode::<T>(body)
+        .map(|(head, _)| head)
+        .map_err(|e| {
+            header.invalid(format!(
+                "the state's leading fields do not decode as {}: {e}",
+                type_name::<T>()
+            ))
+        })
+}
+
+fn require_bincode(header: &SnapshotHeader) -> Result<()> {
+    if header.codec != Codec::Bincode {
+        return Err(header.invalid(format!(
+            "codec {} is not Rust state (only bincode is); read the body with decode_body",
+            header.codec
+        )));
+    }
+    Ok(())
 }
 
 /// A stored snapshot's metadata as a SQL store reads it, column by column, in the order

@@ -13,7 +13,7 @@ use dory_core::{Error, Health, Phase, Result, Sequence, SnapshotMeta};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::shared::{Ctl, Frozen, Shared};
+use crate::shared::{Ctl, Frozen, Shared, SpareBody};
 
 /// What a snapshot body holds: the user's state with the runtime's own part of it.
 #[derive(serde::Deserialize)]
@@ -36,13 +36,46 @@ pub(crate) struct EnvelopeRef<'a, S> {
     pub(crate) state: &'a S,
 }
 
+/// The leading fields of an [`Envelope`], checked before the whole state is decoded.
+#[derive(serde::Deserialize)]
+struct EnvelopeHead {
+    version: u64,
+    sequence: u64,
+}
+
+/// A state loaded in standby.
+pub(crate) enum LoadedState<S> {
+    /// Decoded when it was loaded (a full snapshot: everything is checked before the answer).
+    Decoded(Envelope<S>),
+    /// A pre-copy move's delta, applied and checked, its state decoding on a blocking thread:
+    /// the move commits meanwhile and the resume waits for it. Its base decoded as this
+    /// processor's state type when it was loaded, so this decode failing means corrupt memory
+    /// or a bug, not a snapshot to refuse.
+    Decoding(tokio::task::JoinHandle<Result<Envelope<S>>>),
+}
+
+impl<S> LoadedState<S> {
+    /// The decoded state, once it is.
+    pub(crate) async fn envelope(self) -> Result<Envelope<S>> {
+        match self {
+            LoadedState::Decoded(envelope) => Ok(envelope),
+            LoadedState::Decoding(task) => task.await.map_err(|e| {
+                Error::invalid(format!("decoding the loaded state did not finish: {e}"))
+            })?,
+        }
+    }
+}
+
 /// The state loaded in standby, handed to the run loop at resume.
-pub(crate) type Loaded<S> = Arc<Mutex<Option<Envelope<S>>>>;
+pub(crate) type Loaded<S> = Arc<Mutex<Option<LoadedState<S>>>>;
 
 pub(crate) struct Endpoint<S> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) loaded: Loaded<S>,
     pub(crate) limits: Limits,
+    /// A buffer the size of the loaded full snapshot's body, its pages touched, for the state
+    /// a delta makes of it: applying the delta at the freeze then faults no fresh pages in.
+    pub(crate) spare_body: SpareBody,
 }
 
 /// Withdraws a freeze request when its future is dropped before it was answered.
@@ -230,12 +263,29 @@ where
         // instance exactly as it was.
         // The kind only; the decode below verifies the checksum.
         let is_full = snapshot::decode_header(&bytes)?.kind == SnapshotKind::Full;
-        let (header, envelope, base) = if is_full {
+        let (header, head, state, base) = if is_full {
             let (header, body) = snapshot::decode_body(&bytes, &self.limits)?;
             let envelope = snapshot::decode_state_body::<Envelope<S>>(&header, &body)?;
+            let head = EnvelopeHead {
+                version: envelope.version,
+                sequence: envelope.sequence,
+            };
+            // The buffer for the state a delta makes of this one, prepared in the background:
+            // when this full snapshot is the freeze's own, the resume follows at once and
+            // nothing waits for it.
+            let (spare, len) = (self.spare_body.clone(), body.len());
+            tokio::task::spawn_blocking(move || {
+                let buffer = crate::shared::warm_buffer(len);
+                *spare.lock().unwrap_or_else(PoisonError::into_inner) = buffer;
+            });
             // Kept decompressed: a pre-copy move's delta follows and applies to it.
             let base = Base::of_decoded(&header, body)?;
-            (header, envelope, Some(Arc::new(base)))
+            (
+                header,
+                head,
+                LoadedState::Decoded(envelope),
+                Some(Arc::new(base)),
+            )
         } else {
             // A pre-copy move's delta: it applies only to the full snapshot loaded before.
             let base = self.shared.ctl.borrow().loaded_full.clone();
@@ -244,9 +294,22 @@ where
                     "the snapshot is a delta and no full snapshot is loaded for it to apply to",
                 ));
             };
-            let (header, body) = snapshot::apply_delta_to(&base, &bytes, &self.limits)?;
-            let envelope = snapshot::decode_state_body::<Envelope<S>>(&header, &body)?;
-            (header, envelope, None)
+            let target = std::mem::take(
+                &mut *self
+                    .spare_body
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            let (header, body) = snapshot::apply_delta_into(&base, &bytes, &self.limits, target)?;
+            let head = snapshot::decode_state_head::<EnvelopeHead>(&header, &body)?;
+            let (spare, decoded) = (self.spare_body.clone(), header.clone());
+            let decoding = tokio::task::spawn_blocking(move || {
+                let envelope = snapshot::decode_state_body::<Envelope<S>>(&decoded, &body);
+                // Warm still: the run loop serializes into it once resumed.
+                *spare.lock().unwrap_or_else(PoisonError::into_inner) = body;
+                envelope
+            });
+            (header, head, LoadedState::Decoding(decoding), None)
         };
         let (processor, epoch) = (&self.shared.processor, self.shared.epoch);
         if header.processor != *processor {
@@ -261,13 +324,13 @@ where
                 header.epoch
             )));
         }
-        if envelope.version != header.sequence.0 {
+        if head.version != header.sequence.0 {
             return Err(Error::invalid(format!(
                 "snapshot header says sequence {} but its state is version {}",
-                header.sequence, envelope.version
+                header.sequence, head.version
             )));
         }
-        let output = envelope.sequence;
+        let output = head.sequence;
         let mut base = base;
         let mut refused = None;
         self.shared.ctl.send_if_modified(|c: &mut Ctl| {
@@ -287,7 +350,7 @@ where
                     return false;
                 }
             }
-            *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) = Some(envelope);
+            *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) = Some(state);
             c.loaded = Some((header.epoch, header.sequence, bytes.clone()));
             if let Some(base) = base.take() {
                 c.loaded_full = Some(base);
@@ -346,8 +409,15 @@ where
         // Answer once the run loop has taken the resume, so health says Running after it.
         let mut rx = self.shared.ctl.subscribe();
         let _ = rx
-            .wait_for(|c| !c.resume_requested || c.fenced.is_some() || c.shutdown)
+            .wait_for(|c| {
+                !c.resume_requested || c.fenced.is_some() || c.shutdown || c.load_failed.is_some()
+            })
             .await;
+        if let Some(why) = self.shared.ctl.borrow().load_failed.clone() {
+            return Err(Error::invalid(format!(
+                "the instance cannot take on the state it loaded and is exiting: {why}"
+            )));
+        }
         Ok(())
     }
 }

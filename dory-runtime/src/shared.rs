@@ -59,6 +59,8 @@ pub(crate) struct Ctl {
     /// The last full snapshot loaded in standby, decompressed: the base a pre-copy move's
     /// delta applies to.
     pub(crate) loaded_full: Option<Arc<Base>>,
+    /// Why a standby told to resume could not take on the state it loaded.
+    pub(crate) load_failed: Option<String>,
     /// Pre-copy requests made so far, each numbered by this count when it was made.
     pub(crate) precopy_requested: u64,
     /// The last request the run loop has taken on (its answer may still be on its way: the
@@ -324,4 +326,22 @@ impl Shared {
         );
         out
     }
+}
+
+/// A state-sized buffer with its pages touched, shared by the endpoint (which prepares it when
+/// a standby loads a full snapshot, and applies the delta that follows into it) and the run
+/// loop (which serializes into it once running).
+pub(crate) type SpareBody = Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// An empty buffer with room for `len` bytes (and a little more: a state grows between a
+/// pre-copy and the freeze), every page of it written once so that filling it faults none.
+pub(crate) fn warm_buffer(len: usize) -> Vec<u8> {
+    let room = len + len / 16 + 64;
+    let mut buffer = Vec::new();
+    if buffer.try_reserve_exact(room).is_err() {
+        return buffer;
+    }
+    buffer.resize(room, 0);
+    buffer.clear();
+    buffer
 }

@@ -151,8 +151,9 @@ fn default_holder() -> String {
 
 /// What one look at the Lease found.
 enum Look {
-    /// This replica holds it now (the renewal or takeover was written at `sent`).
-    Won { sent: Instant },
+    /// This replica holds it now (the renewal or takeover was written at `sent`); the Lease as
+    /// written, whose resourceVersion the next renewal writes against.
+    Won { sent: Instant, written: Box<Lease> },
     /// Another holder has it; its record (resourceVersion) as seen.
     Taken { holder: String, version: String },
 }
@@ -212,7 +213,7 @@ impl<L: Leadership> LeaseLeadership<L> {
         let mut observed: Option<(String, Instant)> = None;
         loop {
             match try_take(&self.api, &self.config, &self.holder, observed.as_ref()).await {
-                Ok(Look::Won { sent }) => {
+                Ok(Look::Won { sent, written }) => {
                     self.held
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -223,6 +224,7 @@ impl<L: Leadership> LeaseLeadership<L> {
                         self.config.clone(),
                         self.holder.clone(),
                         Arc::clone(&self.held),
+                        *written,
                     ));
                     if let Some(old) = self
                         .renewer
@@ -289,7 +291,10 @@ async fn try_take(
             }),
         };
         return match api.create(&PostParams::default(), &lease).await {
-            Ok(_) => Ok(Look::Won { sent }),
+            Ok(written) => Ok(Look::Won {
+                sent,
+                written: Box::new(written),
+            }),
             // Another replica created it first.
             Err(e) if status_code(&e) == Some(409) => Ok(Look::Taken {
                 holder: String::new(),
@@ -329,7 +334,10 @@ async fn try_take(
         .replace(&config.name, &PostParams::default(), &lease)
         .await
     {
-        Ok(_) => Ok(Look::Won { sent }),
+        Ok(written) => Ok(Look::Won {
+            sent,
+            written: Box::new(written),
+        }),
         Err(e) if status_code(&e) == Some(409) => Ok(Look::Taken {
             holder: String::new(),
             version: String::new(),
@@ -338,9 +346,42 @@ async fn try_take(
     }
 }
 
+/// Renews the Lease this replica wrote last, against that write's resourceVersion: one request
+/// while nobody else touched the Lease. A `409` means someone did, and [`try_take`] reads it
+/// again to see whether this replica still holds it.
+async fn renew_written(
+    api: &Api<Lease>,
+    config: &LeaseConfig,
+    holder: &str,
+    mut lease: Lease,
+) -> Result<Look, KubeError> {
+    let sent = Instant::now();
+    lease.spec.get_or_insert_with(Default::default).renew_time = Some(now_micro());
+    match api
+        .replace(&config.name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(written) => Ok(Look::Won {
+            sent,
+            written: Box::new(written),
+        }),
+        Err(e) if status_code(&e) == Some(409) => try_take(api, config, holder, None).await,
+        Err(e) => Err(KubeError::api(format!("renew lease {}", config.name), e)),
+    }
+}
+
 /// Renews the Lease every `renew_every` while it is held; a renewal that finds the Lease
 /// taken ends the leadership at once, failing ones let it run out at `renew_deadline`.
-async fn renew_loop(api: Api<Lease>, config: LeaseConfig, holder: String, held: Arc<Mutex<Held>>) {
+/// `written` is the Lease as this replica last wrote it.
+async fn renew_loop(
+    api: Api<Lease>,
+    config: LeaseConfig,
+    holder: String,
+    held: Arc<Mutex<Held>>,
+    written: Lease,
+) {
+    // None after a failed attempt: the next one reads the Lease first.
+    let mut written = Some(written);
     let mut next = Instant::now() + config.renew_every;
     loop {
         tokio::time::sleep_until(next).await;
@@ -349,10 +390,15 @@ async fn renew_loop(api: Api<Lease>, config: LeaseConfig, holder: String, held: 
             held.lock().unwrap_or_else(PoisonError::into_inner).until = None;
             return;
         }
-        match try_take(&api, &config, &holder, None).await {
-            Ok(Look::Won { sent }) => {
+        let renewed = match written.take() {
+            Some(lease) => renew_written(&api, &config, &holder, lease).await,
+            None => try_take(&api, &config, &holder, None).await,
+        };
+        match renewed {
+            Ok(Look::Won { sent, written: now }) => {
                 held.lock().unwrap_or_else(PoisonError::into_inner).until =
                     Some(sent + config.renew_deadline);
+                written = Some(*now);
                 next = Instant::now() + config.renew_every;
             }
             Ok(Look::Taken { holder: other, .. }) => {

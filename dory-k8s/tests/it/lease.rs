@@ -122,3 +122,33 @@ async fn a_resigning_leader_hands_over_at_once_and_a_deposed_one_is_fenced() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_held_lease_is_renewed_with_one_request_each_time() {
+    let server = server().await;
+    let store = MemoryStore::new(Arc::new(SystemClock));
+    let leader = LeaseLeadership::new(
+        server.client_without_retries().unwrap(),
+        lease_config("a"),
+        MemoryLeadership::new(&store),
+    )
+    .unwrap();
+    let term = leader.acquire().await.unwrap();
+    let mark = server.mark();
+    tokio::time::sleep(Duration::from_millis(1900)).await;
+    let requests: Vec<_> = server
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.resource == "leases")
+        .collect();
+    // Every 300 ms: five or six renewals, each a PUT against the resourceVersion this
+    // replica wrote last; no read in between.
+    assert!((4..=7).contains(&requests.len()), "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.verb == dory_k8s_fake::Verb::Update && r.code == 200),
+        "{requests:?}"
+    );
+    leader.check(term).await.unwrap();
+}

@@ -653,25 +653,35 @@ struct Row {
 
 /// The sizes and how many moves (and as many restarts) each.
 /// `DORY_BENCH_SIZES` (labels without spaces, comma-separated: `1MiB,64MiB`) keeps only
-/// those sizes of a full run.
-fn plans(full: bool) -> Vec<(&'static str, usize, usize)> {
+/// those sizes of a full run; a label that is none of them is an error.
+fn plans(full: bool) -> Result<Vec<(&'static str, usize, usize)>> {
     if !full {
-        return vec![("1 KiB", 1 << 10, 2)];
+        return Ok(vec![("1 KiB", 1 << 10, 2)]);
     }
-    let only = std::env::var("DORY_BENCH_SIZES").ok();
-    [
+    let all = [
         ("1 KiB", 1 << 10, 100),
         ("1 MiB", 1 << 20, 100),
         ("64 MiB", 64 << 20, 30),
-    ]
-    .into_iter()
-    .filter(|(label, _, _)| {
-        only.as_deref().is_none_or(|only| {
-            only.split(',')
-                .any(|wanted| wanted.trim() == label.replace(' ', ""))
-        })
-    })
-    .collect()
+    ];
+    let Ok(only) = std::env::var("DORY_BENCH_SIZES") else {
+        return Ok(all.to_vec());
+    };
+    let label = |l: &str| l.replace(' ', "");
+    let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
+    if let Some(unknown) = wanted
+        .iter()
+        .find(|w| !all.iter().any(|(l, _, _)| label(l) == **w))
+    {
+        return Err(format!(
+            "DORY_BENCH_SIZES: {unknown:?} is not one of {}",
+            all.map(|(l, _, _)| label(l)).join(", ")
+        )
+        .into());
+    }
+    Ok(all
+        .into_iter()
+        .filter(|(l, _, _)| wanted.contains(&label(l).as_str()))
+        .collect())
 }
 
 /// `rounds` moves and restarts of a `size`-byte state, alternating.
@@ -938,7 +948,7 @@ async fn bench(full: bool) -> Result<()> {
     println!("load average before: {}", load_average());
     let mut rows = Vec::new();
     let result = async {
-        for (label, size, rounds) in plans(full) {
+        for (label, size, rounds) in plans(full)? {
             let row = measure(&dory, &baseline, label, size, rounds).await?;
             println!(
                 "{label}: {} moves, {} restarts in {:.0} s; load average {}",

@@ -551,21 +551,6 @@ pub fn decode_state_body<T: DeserializeOwned>(header: &SnapshotHeader, body: &[u
     Ok(state)
 }
 
-/// Deserializes the leading fields of a decompressed [`Codec::Bincode`] body as `T` (a struct
-/// of the state type's first fields, in order) and ignores the rest, so a caller can check
-/// them before it decodes the whole state (or while another thread does).
-pub fn decode_state_head<T: DeserializeOwned>(header: &SnapshotHeader, body: &[u8]) -> Result<T> {
-    require_bincode(header)?;
-    bounded::decode::<T>(body)
-        .map(|(head, _)| head)
-        .map_err(|e| {
-            header.invalid(format!(
-                "the state's leading fields do not decode as {}: {e}",
-                type_name::<T>()
-            ))
-        })
-}
-
 fn require_bincode(header: &SnapshotHeader) -> Result<()> {
     if header.codec != Codec::Bincode {
         return Err(header.invalid(format!(
@@ -840,6 +825,15 @@ mod tests {
             tags: vec!["a".into(), "b".into()],
             offset: Some(-7),
         }
+    }
+
+    #[test]
+    fn serializing_into_a_used_buffer_writes_what_a_fresh_one_gets() {
+        let state = sample_state();
+        let fresh = serialize_state(&id("p"), Epoch(1), &state).unwrap();
+        let mut used = vec![0xEE; fresh.len() * 3];
+        serialize_state_into(&id("p"), Epoch(1), &state, &mut used).unwrap();
+        assert_eq!(used, fresh);
     }
 
     fn sample() -> Vec<u8> {

@@ -36,38 +36,8 @@ pub(crate) struct EnvelopeRef<'a, S> {
     pub(crate) state: &'a S,
 }
 
-/// The leading fields of an [`Envelope`], checked before the whole state is decoded.
-#[derive(serde::Deserialize)]
-struct EnvelopeHead {
-    version: u64,
-    sequence: u64,
-}
-
-/// A state loaded in standby.
-pub(crate) enum LoadedState<S> {
-    /// Decoded when it was loaded (a full snapshot: everything is checked before the answer).
-    Decoded(Envelope<S>),
-    /// A pre-copy move's delta, applied and checked, its state decoding on a blocking thread:
-    /// the move commits meanwhile and the resume waits for it. Its base decoded as this
-    /// processor's state type when it was loaded, so this decode failing means corrupt memory
-    /// or a bug, not a snapshot to refuse.
-    Decoding(tokio::task::JoinHandle<Result<Envelope<S>>>),
-}
-
-impl<S> LoadedState<S> {
-    /// The decoded state, once it is.
-    pub(crate) async fn envelope(self) -> Result<Envelope<S>> {
-        match self {
-            LoadedState::Decoded(envelope) => Ok(envelope),
-            LoadedState::Decoding(task) => task.await.map_err(|e| {
-                Error::invalid(format!("decoding the loaded state did not finish: {e}"))
-            })?,
-        }
-    }
-}
-
 /// The state loaded in standby, handed to the run loop at resume.
-pub(crate) type Loaded<S> = Arc<Mutex<Option<LoadedState<S>>>>;
+pub(crate) type Loaded<S> = Arc<Mutex<Option<Envelope<S>>>>;
 
 pub(crate) struct Endpoint<S> {
     pub(crate) shared: Arc<Shared>,
@@ -263,29 +233,21 @@ where
         // instance exactly as it was.
         // The kind only; the decode below verifies the checksum.
         let is_full = snapshot::decode_header(&bytes)?.kind == SnapshotKind::Full;
-        let (header, head, state, base) = if is_full {
+        let (header, envelope, base) = if is_full {
             let (header, body) = snapshot::decode_body(&bytes, &self.limits)?;
             let envelope = snapshot::decode_state_body::<Envelope<S>>(&header, &body)?;
-            let head = EnvelopeHead {
-                version: envelope.version,
-                sequence: envelope.sequence,
-            };
             // The buffer for the state a delta makes of this one, prepared in the background:
             // when this full snapshot is the freeze's own, the resume follows at once and
             // nothing waits for it.
             let (spare, len) = (self.spare_body.clone(), body.len());
             tokio::task::spawn_blocking(move || {
-                let buffer = crate::shared::warm_buffer(len);
-                *spare.lock().unwrap_or_else(PoisonError::into_inner) = buffer;
+                if spare.is_open() {
+                    spare.put(crate::shared::warm_buffer(len));
+                }
             });
             // Kept decompressed: a pre-copy move's delta follows and applies to it.
             let base = Base::of_decoded(&header, body)?;
-            (
-                header,
-                head,
-                LoadedState::Decoded(envelope),
-                Some(Arc::new(base)),
-            )
+            (header, envelope, Some(Arc::new(base)))
         } else {
             // A pre-copy move's delta: it applies only to the full snapshot loaded before.
             let base = self.shared.ctl.borrow().loaded_full.clone();
@@ -294,22 +256,16 @@ where
                     "the snapshot is a delta and no full snapshot is loaded for it to apply to",
                 ));
             };
-            let target = std::mem::take(
-                &mut *self
-                    .spare_body
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
+            let target = self.spare_body.take();
             let (header, body) = snapshot::apply_delta_into(&base, &bytes, &self.limits, target)?;
-            let head = snapshot::decode_state_head::<EnvelopeHead>(&header, &body)?;
-            let (spare, decoded) = (self.spare_body.clone(), header.clone());
-            let decoding = tokio::task::spawn_blocking(move || {
-                let envelope = snapshot::decode_state_body::<Envelope<S>>(&decoded, &body);
-                // Warm still: the run loop serializes into it once resumed.
-                *spare.lock().unwrap_or_else(PoisonError::into_inner) = body;
-                envelope
-            });
-            (header, head, LoadedState::Decoding(decoding), None)
+            // Decoded before the answer, never while the move commits: a new revision of the
+            // processor may decode the base and not every later value, and a refused load
+            // rolls the move back with the old instance running, where a failure after the
+            // commit would leave the processor down.
+            let envelope = snapshot::decode_state_body::<Envelope<S>>(&header, &body);
+            // Warm still: the run loop serializes into it once resumed.
+            self.spare_body.put(body);
+            (header, envelope?, None)
         };
         let (processor, epoch) = (&self.shared.processor, self.shared.epoch);
         if header.processor != *processor {
@@ -324,17 +280,17 @@ where
                 header.epoch
             )));
         }
-        if head.version != header.sequence.0 {
+        if envelope.version != header.sequence.0 {
             return Err(Error::invalid(format!(
                 "snapshot header says sequence {} but its state is version {}",
-                header.sequence, head.version
+                header.sequence, envelope.version
             )));
         }
-        let output = head.sequence;
+        let output = envelope.sequence;
         let mut base = base;
         let mut refused = None;
         self.shared.ctl.send_if_modified(|c: &mut Ctl| {
-            if c.phase() != Phase::Standby {
+            if c.phase() != Phase::Standby || c.resume_requested {
                 refused = Some(Error::conflict("the instance is no longer standby"));
                 return false;
             }
@@ -350,7 +306,7 @@ where
                     return false;
                 }
             }
-            *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) = Some(state);
+            *self.loaded.lock().unwrap_or_else(PoisonError::into_inner) = Some(envelope);
             c.loaded = Some((header.epoch, header.sequence, bytes.clone()));
             if let Some(base) = base.take() {
                 c.loaded_full = Some(base);
@@ -409,14 +365,15 @@ where
         // Answer once the run loop has taken the resume, so health says Running after it.
         let mut rx = self.shared.ctl.subscribe();
         let _ = rx
-            .wait_for(|c| {
-                !c.resume_requested || c.fenced.is_some() || c.shutdown || c.load_failed.is_some()
-            })
+            .wait_for(|c| !c.resume_requested || c.fenced.is_some() || c.shutdown)
             .await;
-        if let Some(why) = self.shared.ctl.borrow().load_failed.clone() {
-            return Err(Error::invalid(format!(
-                "the instance cannot take on the state it loaded and is exiting: {why}"
-            )));
+        let c = self.shared.ctl.borrow();
+        if c.resume_requested {
+            // Woken by a fence or a shutdown before the run loop took the resume.
+            return Err(match &c.fenced {
+                Some(why) => Error::fenced(why.clone()),
+                None => Error::unavailable("the instance is shutting down"),
+            });
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use crate::endpoint::{Endpoint, Envelope, EnvelopeRef, Loaded};
 use crate::error::RuntimeError;
 use crate::processor::{Context, Processor};
-use crate::shared::{Frozen, PreCopied, Shared, SpareBody};
+use crate::shared::{Frozen, PreCopied, Shared, SpareBody, room_for};
 
 /// How a runtime behaves beyond what the instance environment says.
 #[derive(Clone)]
@@ -136,13 +136,6 @@ pub enum Exit {
         /// The version of the last committed checkpoint.
         last_committed: Sequence,
     },
-    /// A standby instance was told to resume, but the state it loaded could not be taken on
-    /// (a delta's state decodes after its load was answered). Nothing ran; the committed
-    /// snapshot is in the store for the next instance.
-    LoadFailed {
-        /// Why.
-        reason: String,
-    },
 }
 
 impl Exit {
@@ -154,14 +147,13 @@ impl Exit {
             Exit::Fenced { .. } => 3,
             Exit::GraceExceeded => 4,
             Exit::SaveFailed { .. } => 5,
-            Exit::LoadFailed { .. } => 6,
         }
     }
 }
 
 /// One line for logs and for a supervisor reading stdout: `saved sequence=<n>`,
 /// `saved nothing`, `not-owner`, `fenced <reason>`, `grace-exceeded`,
-/// `save-failed last-committed=<n>`, `load-failed <reason>`.
+/// `save-failed last-committed=<n>`.
 impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -175,7 +167,6 @@ impl std::fmt::Display for Exit {
             Exit::SaveFailed { last_committed } => {
                 write!(f, "save-failed last-committed={}", last_committed.0)
             }
-            Exit::LoadFailed { reason } => write!(f, "load-failed {reason}"),
         }
     }
 }
@@ -329,6 +320,7 @@ impl<P: Processor> Runtime<P> {
             checkpoint_after_step: false,
             precopy_put: None,
             spare_body: Vec::new(),
+            last_body_len: 0,
             standby_body,
         };
         let mut run_task = tokio::spawn(run.run());
@@ -426,6 +418,8 @@ struct RunLoop<P: Processor> {
     /// 0.26 ms against 0.07 ms here). A pre-copy keeps its body as the base and its background
     /// write prepares the next one, so the freeze that follows serializes into warm memory.
     spare_body: Vec<u8>,
+    /// The length of the last serialized body.
+    last_body_len: usize,
     /// The endpoint's buffer of a standby's loads: taken over as `spare_body` at the resume.
     standby_body: SpareBody,
 }
@@ -487,7 +481,9 @@ async fn store_precopy(
         }
     }
     let spare_body = if outcome.is_ok() {
-        // Off the run loop: touching a large state's worth of pages takes a while.
+        // Off the run loop: touching a large state's worth of pages takes a while. Before the
+        // answer, not after: the orchestrator freezes as soon as it has loaded the answer, and
+        // a freeze waits for this task (`finish_precopy`), so it must be done by then.
         tokio::task::spawn_blocking(move || crate::shared::warm_buffer(body_len))
             .await
             .unwrap_or_default()
@@ -638,30 +634,15 @@ impl<P: Processor> RunLoop<P> {
         if shared.ctl.borrow().shutdown {
             return Some(Exit::Saved { sequence: None });
         }
-        let loaded = self
+        let envelope = self
             .loaded
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(loaded) = loaded {
-            match loaded.envelope().await {
-                Ok(envelope) => self.adopt(envelope),
-                Err(e) => {
-                    let reason = e.to_string();
-                    tracing::error!(target: "dory::runtime", "the loaded state cannot be taken on: {reason}");
-                    shared
-                        .ctl
-                        .send_modify(|c| c.load_failed = Some(reason.clone()));
-                    return Some(Exit::LoadFailed { reason });
-                }
-            }
+        if let Some(envelope) = envelope {
+            self.adopt(envelope);
         }
-        let standby_body = std::mem::take(
-            &mut *self
-                .standby_body
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let standby_body = self.standby_body.close();
         self.recycle(standby_body);
         let loaded_delta = shared
             .ctl
@@ -786,6 +767,10 @@ impl<P: Processor> RunLoop<P> {
     /// a snapshot. A caller done with the body hands it back with [`Self::recycle`].
     fn serialize(&mut self) -> Result<Vec<u8>, Error> {
         let mut body = std::mem::take(&mut self.spare_body);
+        // Room for the last body and a little growth, reserved exactly: growing by doubling
+        // would copy the body several times and leave up to twice its size allocated.
+        body.clear();
+        body.reserve_exact(room_for(self.last_body_len));
         let envelope = EnvelopeRef {
             version: self.version.0,
             sequence: self.ctx.sequence.0,
@@ -794,12 +779,20 @@ impl<P: Processor> RunLoop<P> {
         };
         let shared = self.shared();
         snapshot::serialize_state_into(&shared.processor, shared.epoch, &envelope, &mut body)?;
+        self.last_body_len = body.len();
         Ok(body)
     }
 
-    /// Keeps a body no longer needed as the buffer of the next [`Self::serialize`].
-    fn recycle(&mut self, body: Vec<u8>) {
-        if body.capacity() > self.spare_body.capacity() {
+    /// Keeps a body no longer needed as the buffer of the next [`Self::serialize`]: the
+    /// runtime holds one such buffer, about the size of the serialized state, for good. One
+    /// much larger than the state now is (a state that shrank) is cut down first.
+    fn recycle(&mut self, mut body: Vec<u8>) {
+        let room = room_for(self.last_body_len);
+        if body.capacity() > 2 * room {
+            body.clear();
+            body.shrink_to(room);
+        }
+        if body.capacity() >= self.spare_body.capacity() {
             self.spare_body = body;
         }
     }

@@ -59,8 +59,6 @@ pub(crate) struct Ctl {
     /// The last full snapshot loaded in standby, decompressed: the base a pre-copy move's
     /// delta applies to.
     pub(crate) loaded_full: Option<Arc<Base>>,
-    /// Why a standby told to resume could not take on the state it loaded.
-    pub(crate) load_failed: Option<String>,
     /// Pre-copy requests made so far, each numbered by this count when it was made.
     pub(crate) precopy_requested: u64,
     /// The last request the run loop has taken on (its answer may still be on its way: the
@@ -330,18 +328,97 @@ impl Shared {
 
 /// A state-sized buffer with its pages touched, shared by the endpoint (which prepares it when
 /// a standby loads a full snapshot, and applies the delta that follows into it) and the run
-/// loop (which serializes into it once running).
-pub(crate) type SpareBody = Arc<std::sync::Mutex<Vec<u8>>>;
+/// loop (which takes it over at the resume and serializes into it from then on). Once taken
+/// over it is closed: a preparation finishing later drops its buffer instead of keeping a
+/// state's worth of memory nobody will use.
+#[derive(Clone, Default)]
+pub(crate) struct SpareBody(Arc<std::sync::Mutex<Spare>>);
+
+enum Spare {
+    Open(Vec<u8>),
+    Closed,
+}
+
+impl Default for Spare {
+    fn default() -> Self {
+        Spare::Open(Vec::new())
+    }
+}
+
+impl SpareBody {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Spare> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the run loop has not taken it over yet.
+    pub(crate) fn is_open(&self) -> bool {
+        matches!(*self.lock(), Spare::Open(_))
+    }
+
+    /// Keeps `buffer` (dropping the one kept before), unless closed.
+    pub(crate) fn put(&self, buffer: Vec<u8>) {
+        let dropped = match &mut *self.lock() {
+            Spare::Open(kept) => std::mem::replace(kept, buffer),
+            Spare::Closed => buffer,
+        };
+        // Outside the lock: freeing a large buffer unmaps it.
+        drop(dropped);
+    }
+
+    /// The kept buffer (empty when there is none).
+    pub(crate) fn take(&self) -> Vec<u8> {
+        match &mut *self.lock() {
+            Spare::Open(kept) => std::mem::take(kept),
+            Spare::Closed => Vec::new(),
+        }
+    }
+
+    /// The kept buffer, for the run loop; nothing is kept from now on.
+    pub(crate) fn close(&self) -> Vec<u8> {
+        match std::mem::replace(&mut *self.lock(), Spare::Closed) {
+            Spare::Open(kept) => kept,
+            Spare::Closed => Vec::new(),
+        }
+    }
+}
+
+/// Room for a serialized state of `len` bytes and what it may grow by before the next one.
+pub(crate) fn room_for(len: usize) -> usize {
+    len + len / 16 + 64
+}
 
 /// An empty buffer with room for `len` bytes (and a little more: a state grows between a
 /// pre-copy and the freeze), every page of it written once so that filling it faults none.
 pub(crate) fn warm_buffer(len: usize) -> Vec<u8> {
-    let room = len + len / 16 + 64;
+    let room = room_for(len);
     let mut buffer = Vec::new();
     if buffer.try_reserve_exact(room).is_err() {
         return buffer;
     }
-    buffer.resize(room, 0);
+    // Not zeros: an allocation filled with zeros may be turned into a zeroed one, whose pages
+    // the kernel maps lazily, which is the very cost this avoids.
+    buffer.resize(room, 0xA5);
     buffer.clear();
     buffer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_spare_keeps_nothing() {
+        let spare = SpareBody::default();
+        spare.put(warm_buffer(100));
+        assert!(spare.take().capacity() >= 100);
+        assert_eq!(spare.take().capacity(), 0);
+        spare.put(warm_buffer(100));
+        assert!(spare.close().capacity() >= 100);
+        assert!(!spare.is_open());
+        spare.put(warm_buffer(100));
+        assert_eq!(spare.take().capacity(), 0);
+        assert_eq!(spare.close().capacity(), 0);
+    }
 }

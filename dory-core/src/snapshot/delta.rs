@@ -450,6 +450,22 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_applies_into_a_used_buffer_as_into_a_fresh_one() {
+        let body: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
+        let (_, base) = full(10, &body);
+        let mut changed = body.clone();
+        changed[12_345] ^= 1;
+        changed.truncate(30_000);
+        let d = delta(&base, 11, &changed);
+        let fresh = apply_delta_to(&base, &d, &Limits::default()).unwrap();
+        // Longer than the result and full of other bytes: none of it may show through.
+        let used = vec![0xEE; 50_000];
+        let into = apply_delta_into(&base, &d, &Limits::default(), used).unwrap();
+        assert_eq!(into.1, fresh.1);
+        assert_eq!(into.1, changed);
+    }
+
+    #[test]
     fn a_small_change_to_a_large_state_is_a_small_delta() {
         let body: Vec<u8> = (0..1u64 << 20).map(|i| (i * 7919 % 251) as u8).collect();
         let (base_bytes, base) = full(10, &body);

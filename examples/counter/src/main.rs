@@ -23,8 +23,9 @@
 //! Stdout carries two machine-readable lines (logs go to stderr, `RUST_LOG` filters them):
 //! `listening on <address>` once the endpoint port is bound, and `exit: …` at the end
 //! (`exit: saved sequence=<n>`, `exit: saved nothing`, `exit: not-owner`, `exit: fenced …`,
-//! `exit: grace-exceeded`). The exit code is 0 for a clean shutdown (saved, or frozen and no
-//! longer the owner), 3 when the store fenced the instance, 4 when the grace period ran out,
+//! `exit: grace-exceeded`, `exit: save-failed last-committed=<n>`). The exit code is 0 for a
+//! clean shutdown (saved, or frozen and no longer the owner), 3 when the store fenced the
+//! instance, 4 when the grace period ran out, 5 when the final checkpoint could not be stored,
 //! 1 for anything else (a bad environment, an unreachable store or broker).
 //!
 //! `dory-example-counter claim` stands in for the orchestrator when running by hand: with

@@ -31,7 +31,8 @@
 //! between rounds (nothing in Dory prunes them yet); the checkpoint interval is an hour, so
 //! no periodic checkpoint lands in a measurement.
 //!
-//! `cargo bench -p dory-benches --bench move_pause` (`DORY_BENCH_SIZES=1MiB` for one size).
+//! `cargo bench -p dory-benches --bench move_pause` (`DORY_BENCH_SIZES=1MiB` for one size;
+//! the orchestrator's warnings go to stderr, `RUST_LOG=dory::orchestrator=debug` for more).
 //! Without `--bench` (as under `cargo test --benches`) it makes two moves and two restarts of
 //! 1 KiB as a smoke test.
 
@@ -1015,5 +1016,12 @@ fn print_tails(row: &Row) {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     dory_benches::run_server_bench("move_pause", bench);
 }

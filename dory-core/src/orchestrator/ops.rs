@@ -418,7 +418,7 @@ impl Op {
                 return Err(e);
             }
         };
-        if let Err(e) = self.commit(processor, from, epoch, bytes).await {
+        if let Err(e) = self.commit_frozen(&old, epoch, bytes).await {
             match self.commit_state(processor, from, epoch).await {
                 CommitState::Committed => {
                     tracing::warn!(target: "dory::orchestrator", error = %e, "commit reported an error but took effect");
@@ -444,6 +444,24 @@ impl Op {
             },
         );
         Ok(Outcome::Moved { pause_ms })
+    }
+
+    /// Commits the snapshot fetched from the frozen `old` as `to`'s. A delta (the old instance
+    /// pre-copied, for this move or one that did not happen) that the store refuses with
+    /// `Conflict` lacks its stored base, and a refusal changes nothing: the whole state is
+    /// fetched and committed instead.
+    async fn commit_frozen(&self, old: &Instance, to: Epoch, bytes: Vec<u8>) -> Result<()> {
+        let delta = is_delta(&bytes);
+        match self.commit(&old.processor, old.epoch, to, bytes).await {
+            Err(Error::Conflict(why)) if delta => {
+                tracing::info!(target: "dory::orchestrator", error = %why, "the store refused the delta; committing the whole state");
+                let full = self
+                    .call("fetch full snapshot", self.ctl().fetch_full(old))
+                    .await?;
+                self.commit(&old.processor, old.epoch, to, full).await
+            }
+            committed => committed,
+        }
     }
 
     /// Commits a move: ownership `from` → `to` plus the snapshot, conditional on the term.
@@ -731,19 +749,7 @@ impl<'a> MoveOp<'a> {
             MoveStep::Commit => {
                 let bytes = self.snapshot.take().unwrap_or_default();
                 let epoch = self.epoch.unwrap_or_default();
-                let delta = is_delta(&bytes);
-                match op.commit(p, self.old.epoch, epoch, bytes).await {
-                    Err(Error::Conflict(why)) if delta => {
-                        // A store refuses a delta whose base it no longer holds, and a refusal
-                        // changes nothing: commit the whole state instead.
-                        tracing::info!(target: "dory::orchestrator", error = %why, "the store refused the delta; committing the whole state");
-                        let full = op
-                            .call("fetch full snapshot", op.ctl().fetch_full(&self.old))
-                            .await?;
-                        op.commit(p, self.old.epoch, epoch, full).await?;
-                    }
-                    committed => committed?,
-                }
+                op.commit_frozen(&self.old, epoch, bytes).await?;
                 MoveStep::Resume
             }
             MoveStep::Resume => {

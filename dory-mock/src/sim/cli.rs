@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use dory_core::orchestrator::PlantedFault;
 
-use super::{SimConfig, SimReport, run_seed};
+use super::{PreCopyStats, SimConfig, SimReport, run_seed};
 
 /// `parse_args`' answer to `--help`: print the usage and succeed.
 const HELP: &str = "\u{0}help";
@@ -152,6 +152,7 @@ pub fn main(argv: impl IntoIterator<Item = String>, prog: &str) -> ExitCode {
             report.stats.resolved_duplicates,
             report.stats.largest_loss
         );
+        println!("seed {seed}: {}", precopy_summary(&report.precopy));
         if !report.passed() {
             print_failure(&report);
         }
@@ -197,10 +198,29 @@ pub fn main(argv: impl IntoIterator<Item = String>, prog: &str) -> ExitCode {
         args.jobs,
         total as f64 / elapsed * 60.0
     );
+    let precopy = reports
+        .iter()
+        .fold(PreCopyStats::default(), |sum, r| sum + r.precopy);
+    println!("{}", precopy_summary(&precopy));
     println!("{} passed, {failed} failed", reports.len() - failed);
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// One line on the pre-copy moves: how many sent a delta, and how often the whole state had
+/// to go instead.
+fn precopy_summary(p: &PreCopyStats) -> String {
+    format!(
+        "pre-copy: {} stored ({} declined, {} answers lost), {} delta moves, {} deltas refused by the replacement, {} by the store, {} restores read a delta",
+        p.precopies,
+        p.declined,
+        p.lost_answers,
+        p.delta_moves,
+        p.deltas_refused,
+        p.delta_commits_refused,
+        p.delta_restores
+    )
 }

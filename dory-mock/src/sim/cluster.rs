@@ -7,6 +7,17 @@
 //! checkpoint cannot be stored (so what it publishes is never more than one checkpoint
 //! interval ahead of what is committed), and freezes itself when its lease runs out — as the
 //! real runtime does.
+//!
+//! Instances pre-copy as the runtime does: asked while running, an instance stores a full
+//! checkpoint through the store (its periodic checkpoints' path, fenced alike), keeps its body
+//! as the base and takes its next step at once, as a running processor would; its freeze's
+//! snapshot is then a delta against that base. A standby applies a delta only onto the full
+//! snapshot it loaded, a restore reads a committed delta beside its stored base, and instances
+//! prune the store as they checkpoint, so a pre-copied base may be gone by the commit. How
+//! often a pre-copy is declined or its answer lost, and how hard instances prune, is a
+//! [`PreCopyModel`]: the simulator draws those choices from its seed, so the delta path and
+//! both ways back to the whole state (the replacement refuses the delta, the store refuses to
+//! commit it) are all exercised.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use dory_core::snapshot::{self, Encoder, Limits};
+use dory_core::snapshot::{self, Base, Codec, Encoder, Limits, SnapshotKind};
 use dory_core::{
     ChangeNotifier, Changes, Clock, ControlEndpoint, Epoch, Error, Health, Instance,
     InstanceControl, LaunchMode, LaunchRequest, Node, NodeId, OutputMessage, Phase, Placement,
@@ -64,6 +75,90 @@ pub struct InstanceTiming {
     pub lease: Duration,
 }
 
+/// How the simulated instances pre-copy and prune the store.
+///
+/// The default is the runtime's own behaviour: every pre-copy is taken, every answer arrives,
+/// and an instance keeps the newest 5 snapshots, pruning with its first checkpoint and every
+/// 16th after it. The simulator's scenario ([`SimConfig`](super::SimConfig)) declines some
+/// pre-copies, loses some answers and prunes at every checkpoint, so that the moves that send
+/// a delta and both fallbacks to the whole state all happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreCopyModel {
+    /// Out of 100 pre-copy requests, how many an instance declines with `Conflict`, as one
+    /// that cannot pre-copy would; that move's freeze sends the whole state.
+    pub decline_percent: u64,
+    /// Out of 100 pre-copies an instance stores, how many answers are lost on the way back
+    /// (the caller gave up as the instance answered). The instance keeps its base but the
+    /// replacement never loads it, so the replacement refuses the freeze's delta.
+    pub lost_answer_percent: u64,
+    /// How many snapshots an instance keeps when it prunes the store (at least one is kept).
+    pub keep_snapshots: usize,
+    /// An instance prunes with its first stored checkpoint and every `prune_every`-th after
+    /// it; 0 never prunes. A checkpoint between a pre-copy and its move's commit may prune the
+    /// pre-copied base, and the store then refuses to commit the delta.
+    pub prune_every: u64,
+}
+
+impl Default for PreCopyModel {
+    fn default() -> Self {
+        PreCopyModel {
+            decline_percent: 0,
+            lost_answer_percent: 0,
+            keep_snapshots: 5,
+            prune_every: 16,
+        }
+    }
+}
+
+/// What the simulated instances did of pre-copy moves, for a run's report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PreCopyStats {
+    /// Pre-copies stored (including those whose answer was lost).
+    pub precopies: u64,
+    /// Pre-copy requests declined: the model's choice, or no step since the last checkpoint.
+    pub declined: u64,
+    /// Pre-copies stored whose answer was lost.
+    pub lost_answers: u64,
+    /// Frozen snapshots fetched as a delta.
+    pub deltas_fetched: u64,
+    /// Deltas a replacement applied onto the pre-copied state it had loaded.
+    pub deltas_loaded: u64,
+    /// Deltas a replacement refused (no full snapshot loaded, or another one): the move sent
+    /// the whole state instead.
+    pub deltas_refused: u64,
+    /// Whole states fetched from a frozen instance after its delta could not be used.
+    pub full_fetches: u64,
+    /// Of those, the ones after a replacement had taken the delta whose base the store no
+    /// longer held (pruned): the store refused to commit the delta, and the move committed the
+    /// whole state.
+    pub delta_commits_refused: u64,
+    /// Replacements resumed as owners from a delta the store committed: moves that sent only
+    /// what changed since the pre-copy.
+    pub delta_moves: u64,
+    /// Restores that read a committed delta beside its stored base.
+    pub delta_restores: u64,
+}
+
+impl std::ops::Add for PreCopyStats {
+    type Output = PreCopyStats;
+
+    /// The counts of two runs together.
+    fn add(self, b: PreCopyStats) -> PreCopyStats {
+        PreCopyStats {
+            precopies: self.precopies + b.precopies,
+            declined: self.declined + b.declined,
+            lost_answers: self.lost_answers + b.lost_answers,
+            deltas_fetched: self.deltas_fetched + b.deltas_fetched,
+            deltas_loaded: self.deltas_loaded + b.deltas_loaded,
+            deltas_refused: self.deltas_refused + b.deltas_refused,
+            full_fetches: self.full_fetches + b.full_fetches,
+            delta_commits_refused: self.delta_commits_refused + b.delta_commits_refused,
+            delta_moves: self.delta_moves + b.delta_moves,
+            delta_restores: self.delta_restores + b.delta_restores,
+        }
+    }
+}
+
 struct SimNode {
     node: Node,
     crashed: bool,
@@ -84,6 +179,20 @@ struct SimInstance {
     hung_until: Timestamp,
     exit_at: Option<Timestamp>,
     terminate_pending: bool,
+    /// The full checkpoint the last pre-copy stored, kept while running: the freeze's snapshot
+    /// is a delta against it.
+    base: Option<Base>,
+    /// The full snapshot a standby loaded: a delta applies only onto it.
+    loaded_full: Option<Base>,
+    /// Whether the state loaded last came as a delta.
+    loaded_delta: bool,
+    /// The replacement that took this frozen instance's delta: a request for the whole state
+    /// after that can only come from the store refusing the delta.
+    delta_taken_by: Option<Epoch>,
+    /// The store refused the delta this standby loaded; its move committed the whole state.
+    delta_commit_refused: bool,
+    /// Checkpoints stored, counted for pruning.
+    checkpoints: u64,
 }
 
 impl SimInstance {
@@ -104,6 +213,7 @@ struct State {
     flaky_until: Timestamp,
     flaky_percent: u64,
     trace: Vec<String>,
+    precopy: PreCopyStats,
 }
 
 /// The simulated cluster.
@@ -119,7 +229,18 @@ pub struct SimCluster {
     checker: Arc<Mutex<Checker>>,
     timing: InstanceTiming,
     encoder: Encoder,
-    latency: Mutex<super::SimRng>,
+    /// The cluster's own seeded draws: control-call latencies, flaky-network rolls, pre-copy
+    /// choices.
+    rng: Mutex<super::SimRng>,
+    precopy: PreCopyModel,
+}
+
+/// What reading a committed snapshot came to.
+enum Read {
+    State(CounterState),
+    /// The store could not be reached: try again at the next step.
+    Later,
+    Failed(Error),
 }
 
 enum Work {
@@ -168,7 +289,8 @@ impl SimCluster {
             checker,
             timing,
             encoder: Encoder::default(),
-            latency: Mutex::new(super::SimRng::new(0)),
+            rng: Mutex::new(super::SimRng::new(0)),
+            precopy: PreCopyModel::default(),
         }
     }
 
@@ -211,10 +333,27 @@ impl SimCluster {
             .publishes
     }
 
-    /// Seeds the control-call latencies (the simulator passes its seed).
+    /// Seeds the control-call latencies and the pre-copy choices (the simulator passes its
+    /// seed).
     pub fn with_latency_seed(self, seed: u64) -> Self {
-        *self.latency.lock().unwrap_or_else(|e| e.into_inner()) = super::SimRng::new(seed);
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = super::SimRng::new(seed);
         self
+    }
+
+    /// How the instances pre-copy and prune (the default is the runtime's behaviour).
+    pub fn with_precopy(mut self, model: PreCopyModel) -> Self {
+        self.precopy = model;
+        self
+    }
+
+    /// What the instances did of pre-copy moves so far.
+    pub fn precopy_stats(&self) -> PreCopyStats {
+        self.lock().precopy
+    }
+
+    /// A number in `[0, n)` from the cluster's seeded generator.
+    fn roll(&self, n: u64) -> u64 {
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).below(n)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -411,7 +550,7 @@ impl SimCluster {
         }
     }
 
-    /// Makes the next `n` control calls (freeze, fetch, load, resume) fail.
+    /// Makes the next `n` control calls (pre-copy, freeze, fetch, load, resume) fail.
     pub fn fail_control_calls(&self, n: u32) {
         let mut st = self.lock();
         st.failing_control_calls += n;
@@ -451,6 +590,28 @@ impl SimCluster {
     ) -> Result<Vec<u8>> {
         self.encoder
             .encode_state(processor, epoch, Sequence(state.seq), &state)
+    }
+
+    /// The full snapshot of `state`, ready to store, and its body kept as a delta's base.
+    fn encode_full(
+        &self,
+        processor: &ProcessorId,
+        epoch: Epoch,
+        state: CounterState,
+    ) -> Result<(dory_core::StoredSnapshot, Base)> {
+        let body = snapshot::serialize_state(processor, epoch, &state)?;
+        let bytes = self.encoder.encode_body(
+            processor,
+            epoch,
+            Sequence(state.seq),
+            Codec::Bincode,
+            &body,
+        )?;
+        let base = Base::of_encoded(&bytes, body)?;
+        Ok((
+            dory_core::StoredSnapshot::from_encoded(bytes, self.clock.now())?,
+            base,
+        ))
     }
 
     async fn tick_instance(&self, key: &(ProcessorId, Epoch)) {
@@ -526,18 +687,37 @@ impl SimCluster {
                 } else {
                     self.checkpoint(processor, *epoch, state).await
                 };
-                let mut st = self.lock();
-                if let Some(inst) = st.instances.get_mut(key) {
+                let prune = {
+                    let mut st = self.lock();
+                    let Some(inst) = st.instances.get_mut(key) else {
+                        return;
+                    };
                     match result {
                         Ok(expiry) => {
                             inst.lease_until = expiry;
                             inst.last_checkpoint = now;
                             inst.checkpoint_due = false;
                             inst.checkpointed = state;
+                            inst.checkpoints += 1;
+                            let every = self.precopy.prune_every;
+                            every > 0 && (inst.checkpoints - 1) % every == 0
                         }
-                        Err(Error::Fenced(_)) => inst.fence(),
-                        Err(_) => {}
+                        Err(Error::Fenced(_)) => {
+                            inst.fence();
+                            false
+                        }
+                        Err(_) => false,
                     }
+                };
+                if prune {
+                    // As the runtime does, so the store does not grow forever. The store keeps
+                    // every base a stored delta needs, but not a pre-copied base no commit
+                    // names yet. Past the injected faults: nobody waits for a prune's outcome,
+                    // and a lost reply spent on one would be one fewer on a checkpoint.
+                    let _ = self
+                        .truth
+                        .prune(processor, self.precopy.keep_snapshots.max(1))
+                        .await;
                 }
             }
             Work::Renew => {
@@ -647,20 +827,19 @@ impl SimCluster {
         let exact = latest.as_ref().is_some_and(|s| s.meta.epoch == *epoch);
         let state = match latest {
             None => CounterState::default(),
-            Some(snap) => {
-                match snapshot::decode_state::<CounterState>(&snap.bytes, &Limits::default()) {
-                    Ok((_, state)) => state,
-                    Err(e) => {
-                        let mut st = self.lock();
-                        if let Some(inst) = st.instances.get_mut(key) {
-                            inst.record.phase = Phase::Failed {
-                                reason: format!("cannot restore: {e}"),
-                            };
-                        }
-                        return;
+            Some(snap) => match self.read_stored(processor, snap.bytes).await {
+                Read::State(state) => state,
+                Read::Later => return,
+                Read::Failed(e) => {
+                    let mut st = self.lock();
+                    if let Some(inst) = st.instances.get_mut(key) {
+                        inst.record.phase = Phase::Failed {
+                            reason: format!("cannot restore: {e}"),
+                        };
                     }
+                    return;
                 }
-            }
+            },
         };
         let renewed = self
             .store
@@ -696,21 +875,65 @@ impl SimCluster {
         self.notifier.notify();
     }
 
+    /// A committed snapshot's state. A delta (a pre-copy move's commit) is read beside its
+    /// base, fetched from the store as the runtime's restore does; a store that cannot be
+    /// reached now is tried again at the next step.
+    async fn read_stored(&self, processor: &ProcessorId, bytes: Vec<u8>) -> Read {
+        let limits = Limits::default();
+        let base = match snapshot::delta_base(&bytes) {
+            Ok(None) => {
+                return match snapshot::decode_state::<CounterState>(&bytes, &limits) {
+                    Ok((_, state)) => Read::State(state),
+                    Err(e) => Read::Failed(e),
+                };
+            }
+            Ok(Some(base)) => base,
+            Err(e) => return Read::Failed(e),
+        };
+        let full = match self.store.get(processor, base.epoch, base.sequence).await {
+            Ok(Some(full)) => full,
+            Ok(None) => {
+                // The store commits a delta only beside its base and keeps the base while
+                // the delta is kept: a committed delta without one is committed state lost.
+                let e = base.missing(&format!("restore of {processor}"));
+                self.checker
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .fail(self.clock.now(), format!("committed state lost: {e}"));
+                return Read::Failed(e);
+            }
+            Err(_) => return Read::Later,
+        };
+        let state = snapshot::apply_delta(&full.bytes, &bytes, &limits)
+            .and_then(|(header, body)| snapshot::decode_state_body::<CounterState>(&header, &body));
+        match state {
+            Ok(state) => {
+                let mut st = self.lock();
+                st.precopy.delta_restores += 1;
+                self.note(
+                    &mut st,
+                    format!(
+                        "read delta {processor} at {} beside its base {} {}",
+                        state.seq, base.epoch, base.sequence.0
+                    ),
+                );
+                Read::State(state)
+            }
+            Err(e) => Read::Failed(e),
+        }
+    }
+
     /// Common checks of every control call: reachable, not failing, latency, hangs.
     async fn control_call(&self, instance: &Instance, timeout: Option<Duration>) -> Result<()> {
         let max = self.timing.control_latency.as_millis().max(1) as u64;
         let ms = self
-            .latency
+            .rng
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .between(1, max);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         let key = (instance.processor.clone(), instance.epoch);
-        let flaky_roll = self
-            .latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .below(100);
+        let flaky_roll = self.roll(100);
         let hung_until = {
             let mut st = self.lock();
             if self.clock.now() < st.flaky_until && flaky_roll < st.flaky_percent {
@@ -828,6 +1051,12 @@ impl Placement for SimCluster {
                 hung_until: Timestamp(0),
                 exit_at: None,
                 terminate_pending: false,
+                base: None,
+                loaded_full: None,
+                loaded_delta: false,
+                delta_taken_by: None,
+                delta_commit_refused: false,
+                checkpoints: 0,
             },
         );
         self.note(
@@ -946,33 +1175,275 @@ impl InstanceControl for SimCluster {
 
     async fn fetch(&self, instance: &Instance) -> Result<Vec<u8>> {
         self.control_call(instance, None).await?;
-        // Permissive on purpose: a running instance answers too, so a protocol that skips the
-        // freeze shows up as an invariant violation instead of being refused here.
-        let state = self.with_instance(instance, |i| Ok(i.state))?;
-        self.encode(&instance.processor, instance.epoch, state)
+        let (processor, epoch) = (&instance.processor, instance.epoch);
+        // Permissive on purpose: a running instance answers too (its whole state), so a
+        // protocol that skips the freeze shows up as an invariant violation instead of being
+        // refused here.
+        let (state, base) = self.with_instance(instance, |i| {
+            // Frozen and stepped since its pre-copy: only what changed since goes out.
+            let base = i
+                .base
+                .as_ref()
+                .filter(|b| i.record.phase == Phase::Frozen && b.id.sequence.0 < i.state.seq)
+                .cloned();
+            Ok((i.state, base))
+        })?;
+        let Some(base) = base else {
+            return self.encode(processor, epoch, state);
+        };
+        let body = snapshot::serialize_state(processor, epoch, &state)?;
+        let bytes =
+            self.encoder
+                .encode_delta(processor, epoch, Sequence(state.seq), &base, &body)?;
+        let mut st = self.lock();
+        st.precopy.deltas_fetched += 1;
+        self.note(
+            &mut st,
+            format!(
+                "fetched delta {processor} {epoch} at {} (base {})",
+                state.seq, base.id.sequence.0
+            ),
+        );
+        Ok(bytes)
+    }
+
+    async fn fetch_full(&self, instance: &Instance) -> Result<Vec<u8>> {
+        self.control_call(instance, None).await?;
+        let (processor, epoch) = (&instance.processor, instance.epoch);
+        // Permissive as `fetch` is. Asked only when the delta `fetch` answered could not be
+        // used: by the replacement, or, if one took it, by the store.
+        let (state, taken_by, base) = self.with_instance(instance, |i| {
+            Ok((
+                i.state,
+                i.delta_taken_by.take(),
+                i.base.as_ref().map(|b| b.id),
+            ))
+        })?;
+        let bytes = self.encode(processor, epoch, state)?;
+        // Read past the injected faults, for the report only.
+        let base_gone = match (taken_by, base) {
+            (Some(_), Some(base)) => matches!(
+                self.truth.get(processor, base.epoch, base.sequence).await,
+                Ok(None)
+            ),
+            _ => false,
+        };
+        let mut st = self.lock();
+        st.precopy.full_fetches += 1;
+        if let Some(replacement) = taken_by
+            && let Some(r) = st.instances.get_mut(&(processor.clone(), replacement))
+        {
+            // Whatever its move commits now is the whole state.
+            r.delta_commit_refused = true;
+        }
+        st.precopy.delta_commits_refused += u64::from(base_gone);
+        let why = match taken_by {
+            Some(_) if base_gone => "the store refused the delta, its base pruned",
+            Some(_) => "the delta was taken but not committed",
+            None => "the replacement did not take the delta",
+        };
+        self.note(
+            &mut st,
+            format!("full state {processor} {epoch} at {}: {why}", state.seq),
+        );
+        Ok(bytes)
     }
 
     async fn load(&self, instance: &Instance, bytes: &[u8]) -> Result<()> {
         self.control_call(instance, None).await?;
-        let (header, state) = snapshot::decode_state::<CounterState>(bytes, &Limits::default())?;
-        self.with_instance(instance, |i| {
-            if header.processor != i.record.processor || header.epoch >= i.record.epoch {
-                return Err(Error::invalid(format!(
-                    "snapshot of {} {} cannot load into {} {}",
-                    header.processor, header.epoch, i.record.processor, i.record.epoch
-                )));
+        let limits = Limits::default();
+        let delta = snapshot::verify(bytes)?.kind == SnapshotKind::Delta;
+        // A full snapshot is read on its own; a delta only onto the full one loaded before.
+        let full = if delta {
+            None
+        } else {
+            Some(snapshot::decode_body(bytes, &limits)?)
+        };
+        let key = (instance.processor.clone(), instance.epoch);
+        let mut st = self.lock();
+        let inst = st.instances.get_mut(&key).ok_or_else(|| {
+            Error::not_found(format!(
+                "instance {} of {}",
+                instance.epoch, instance.processor
+            ))
+        })?;
+        // Every check comes before anything is kept: a refused snapshot leaves the loaded
+        // state as it was.
+        if inst.record.phase != Phase::Standby {
+            return Err(Error::conflict(format!(
+                "instance {} of {} is {}, not standby",
+                inst.record.epoch, inst.record.processor, inst.record.phase
+            )));
+        }
+        let applied = match full {
+            Some((header, body)) => {
+                Base::of_decoded(&header, body.clone()).map(|base| (header, body, Some(base)))
             }
-            if i.record.phase != Phase::Standby {
+            None => match &inst.loaded_full {
+                None => Err(Error::conflict(format!(
+                    "instance {} of {}: the snapshot is a delta and no full snapshot is loaded for it to apply to",
+                    instance.epoch, instance.processor
+                ))),
+                // A delta naming another base is `Invalid`.
+                Some(base) => snapshot::apply_delta_to(base, bytes, &limits)
+                    .map(|(header, body)| (header, body, None)),
+            },
+        };
+        let (header, body, base) = match applied {
+            Ok(applied) => applied,
+            Err(e) => {
+                if delta {
+                    st.precopy.deltas_refused += 1;
+                    self.note(
+                        &mut st,
+                        format!(
+                            "delta refused {} {}: {e}",
+                            instance.processor, instance.epoch
+                        ),
+                    );
+                }
+                return Err(e);
+            }
+        };
+        let state = snapshot::decode_state_body::<CounterState>(&header, &body)?;
+        if header.processor != inst.record.processor || header.epoch >= inst.record.epoch {
+            return Err(Error::invalid(format!(
+                "snapshot of {} {} cannot load into {} {}",
+                header.processor, header.epoch, inst.record.processor, inst.record.epoch
+            )));
+        }
+        if state.seq != header.sequence.0 {
+            return Err(Error::invalid(format!(
+                "snapshot of {} {} says sequence {} but holds the state of step {}",
+                header.processor, header.epoch, header.sequence, state.seq
+            )));
+        }
+        inst.state = state;
+        inst.checkpointed = state;
+        inst.loaded = true;
+        inst.loaded_delta = delta;
+        inst.delta_commit_refused = false;
+        // The store reads a delta only beside its base: an instance that took its state as
+        // one stores a full checkpoint after its first step, as the runtime does.
+        inst.checkpoint_due = delta;
+        if let Some(base) = base {
+            inst.loaded_full = Some(base);
+        }
+        if delta {
+            st.precopy.deltas_loaded += 1;
+            if let Some(old) = st
+                .instances
+                .get_mut(&(header.processor.clone(), header.epoch))
+            {
+                old.delta_taken_by = Some(instance.epoch);
+            }
+            self.note(
+                &mut st,
+                format!(
+                    "loaded delta {} {} at {} from {}",
+                    instance.processor, instance.epoch, state.seq, header.epoch
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    async fn precopy(&self, instance: &Instance, timeout: Duration) -> Result<Vec<u8>> {
+        self.control_call(instance, Some(timeout)).await?;
+        let (processor, epoch) = (&instance.processor, instance.epoch);
+        let key = (processor.clone(), epoch);
+        // Both drawn on every call, so one call's outcome never shifts the draws of the next.
+        let declines = self.roll(100) < self.precopy.decline_percent;
+        let loses_answer = self.roll(100) < self.precopy.lost_answer_percent;
+        let state = {
+            let mut st = self.lock();
+            let inst = st
+                .instances
+                .get(&key)
+                .ok_or_else(|| Error::not_found(format!("instance {epoch} of {processor}")))?;
+            let declined = if inst.fenced {
+                return Err(Error::fenced(format!(
+                    "instance {epoch} of {processor} was fenced off by the store"
+                )));
+            } else if inst.record.phase != Phase::Running {
                 return Err(Error::conflict(format!(
-                    "instance {} of {} is {}, not standby",
-                    i.record.epoch, i.record.processor, i.record.phase
+                    "instance {epoch} of {processor} is {}; only a running instance pre-copies",
+                    inst.record.phase
+                )));
+            } else if declines {
+                Some("it does not pre-copy")
+            } else if inst.state == inst.checkpointed {
+                // The store takes only newer sequences.
+                Some("no step since the last checkpoint; ask again after the next step")
+            } else {
+                None
+            };
+            let state = inst.state;
+            if let Some(why) = declined {
+                st.precopy.declined += 1;
+                self.note(
+                    &mut st,
+                    format!("pre-copy declined {processor} {epoch}: {why}"),
+                );
+                return Err(Error::conflict(format!(
+                    "instance {epoch} of {processor}: {why}"
                 )));
             }
-            i.state = state;
-            i.checkpointed = state;
-            i.loaded = true;
-            Ok(())
-        })
+            state
+        };
+        // Stored as a periodic checkpoint is (fenced and renewing the lease alike), its body
+        // kept as the base of the freeze's delta.
+        let stored = match self.encode_full(processor, epoch, state) {
+            Ok((snapshot, base)) => {
+                let put = self
+                    .store
+                    .put_checkpoint(&snapshot, self.timing.lease)
+                    .await;
+                put.map(|expiry| (snapshot.bytes, base, expiry))
+            }
+            Err(e) => Err(e),
+        };
+        let bytes = {
+            let mut st = self.lock();
+            let inst = st
+                .instances
+                .get_mut(&key)
+                .ok_or_else(|| Error::not_found(format!("instance {epoch} of {processor}")))?;
+            match stored {
+                Ok((bytes, base, expiry)) => {
+                    inst.lease_until = expiry;
+                    if state.seq > inst.checkpointed.seq {
+                        inst.checkpointed = state;
+                    }
+                    inst.base = Some(base);
+                    st.precopy.precopies += 1;
+                    st.precopy.lost_answers += u64::from(loses_answer);
+                    let lost = if loses_answer { " (answer lost)" } else { "" };
+                    self.note(
+                        &mut st,
+                        format!("pre-copied {processor} {epoch} at {}{lost}", state.seq),
+                    );
+                    bytes
+                }
+                Err(e) => {
+                    // The move this was for sends the whole state.
+                    inst.base = None;
+                    if matches!(e, Error::Fenced(_)) {
+                        inst.fence();
+                    }
+                    return Err(e.context(format!("pre-copy of {epoch} of {processor}")));
+                }
+            }
+        };
+        // The processor keeps running while its pre-copy is stored and sent: its next step
+        // follows at once, so the freeze finds the state moved on from the base.
+        self.tick_instance(&key).await;
+        if loses_answer {
+            return Err(Error::unavailable(format!(
+                "instance {epoch} of {processor}: the pre-copy was stored but its answer was lost"
+            )));
+        }
+        Ok(bytes)
     }
 
     async fn resume(&self, instance: &Instance) -> Result<()> {
@@ -980,7 +1451,7 @@ impl InstanceControl for SimCluster {
         let now = self.clock.now();
         let lease = self.timing.lease;
         let resumed = self.with_instance(instance, |i| match i.record.phase {
-            Phase::Running => Ok(false),
+            Phase::Running => Ok(None),
             Phase::Standby if !i.loaded => Err(Error::conflict(format!(
                 "instance {} of {} has no state loaded",
                 i.record.epoch, i.record.processor
@@ -990,26 +1461,36 @@ impl InstanceControl for SimCluster {
                 i.record.epoch, i.record.processor
             ))),
             Phase::Standby | Phase::Frozen => {
-                if i.record.phase == Phase::Standby {
+                let from_delta = if i.record.phase == Phase::Standby {
                     // A fresh owner trusts the orchestrator's commit for its first lease and
                     // renews it at its first heartbeat.
                     i.lease_until = now.plus(lease);
                     i.last_checkpoint = now;
-                }
+                    i.loaded_full = None;
+                    i.loaded_delta && !i.delta_commit_refused
+                } else {
+                    // The move this base was for did not happen; the next one pre-copies
+                    // again.
+                    i.base = None;
+                    i.delta_taken_by = None;
+                    false
+                };
                 i.record.phase = Phase::Running;
-                Ok(true)
+                Ok(Some(from_delta))
             }
             ref other => Err(Error::conflict(format!(
                 "instance {} of {} is {other}; cannot resume",
                 i.record.epoch, i.record.processor
             ))),
         })?;
-        if resumed {
+        if let Some(from_delta) = resumed {
             {
                 let mut st = self.lock();
+                st.precopy.delta_moves += u64::from(from_delta);
+                let how = if from_delta { " from a delta" } else { "" };
                 self.note(
                     &mut st,
-                    format!("resumed {} {}", instance.processor, instance.epoch),
+                    format!("resumed {} {}{how}", instance.processor, instance.epoch),
                 );
             }
             self.notifier.notify();

@@ -5,10 +5,15 @@
 //! A run is a fixed number of steps. In the fault phase each step may inject one fault —
 //! drain, spot notice, node crash, partition, edge outage, instance crash, hang, failing
 //! control calls, orchestrator restart, store outage, broker outage — each with its own
-//! recovery scheduled later; then a quiet phase lets the system converge. The [`Checker`]
-//! watches every publish and commit; at the end every desired processor must run exactly
-//! once. Every decision point is ordered (`BTreeMap`s, biased `select!`s, simulated time),
-//! so a seed's trace is the same byte for byte on every run: [`SimReport::trace_hash`].
+//! recovery scheduled later; then a quiet phase lets the system converge. Moves pre-copy as
+//! the real runtime does (a full checkpoint while the old instance runs, loaded into the
+//! replacement, then a delta at the freeze); the [`PreCopyModel`] declines some pre-copies,
+//! loses some answers and prunes hard, so the delta path and both fallbacks to the whole
+//! state (the replacement refuses the delta, the store refuses to commit it) run too, and
+//! [`SimReport::precopy`] counts them. The [`Checker`] watches every publish and commit; at
+//! the end every desired processor must run exactly once. Every decision point is ordered
+//! (`BTreeMap`s, biased `select!`s, simulated time), so a seed's trace is the same byte for
+//! byte on every run: [`SimReport::trace_hash`].
 //!
 //! A seeded simulation of your own policy (the orchestrator's settings) and your own
 //! [`ConfigSource`] — here one that runs only the even-numbered processors, as a sharding
@@ -51,7 +56,7 @@ use dory_core::{
 };
 
 pub use check::{Checker, CheckerStats};
-pub use cluster::{CounterState, InstanceTiming, SimCluster, input};
+pub use cluster::{CounterState, InstanceTiming, PreCopyModel, PreCopyStats, SimCluster, input};
 pub use rng::SimRng;
 
 use crate::{
@@ -91,8 +96,8 @@ pub struct FaultMix {
     pub instance_crash: u32,
     /// One instance hangs for a while (slow safe points, slow control calls).
     pub hang: u32,
-    /// Control calls (freeze, fetch, load, resume) fail: the next few, or 30% of them for a
-    /// few seconds (a flaky network).
+    /// Control calls (pre-copy, freeze, fetch, load, resume) fail: the next few, or 30% of
+    /// them for a few seconds (a flaky network).
     pub control_failure: u32,
     /// The orchestrator is killed at an arbitrary point and a new one started, or the leader
     /// is cut off from its lock but keeps running while a new one takes over.
@@ -149,6 +154,8 @@ pub struct SimConfig {
     pub settings: Settings,
     /// The simulated instances' timing.
     pub timing: InstanceTiming,
+    /// How the simulated instances pre-copy and prune the store.
+    pub precopy: PreCopyModel,
     /// Keep the full trace in the report (for debugging a seed).
     pub keep_trace: bool,
     /// Your own [`ConfigSource`] under test, made from the scenario's processors; `None`
@@ -215,6 +222,16 @@ impl Default for SimConfig {
                 control_latency: Duration::from_millis(30),
                 lease,
             },
+            // Most moves pre-copy and send a delta; some are declined (the whole state goes at
+            // the freeze), some answers are lost (the replacement refuses the delta), and
+            // pruning at every checkpoint can take a pre-copied base away before the commit
+            // (the store refuses the delta).
+            precopy: PreCopyModel {
+                decline_percent: 20,
+                lost_answer_percent: 10,
+                keep_snapshots: 1,
+                prune_every: 1,
+            },
             keep_trace: false,
             config_source: None,
         }
@@ -238,6 +255,9 @@ pub struct SimReport {
     pub stats: CheckerStats,
     /// Moves that committed.
     pub moves: u64,
+    /// What the instances did of pre-copy moves: deltas sent and taken, fallbacks to the
+    /// whole state.
+    pub precopy: PreCopyStats,
     /// The trace, when asked for.
     pub trace: Vec<String>,
 }
@@ -374,7 +394,8 @@ impl Simulation {
                 checker.clone(),
                 config.timing.clone(),
             )
-            .with_latency_seed(seed),
+            .with_latency_seed(seed)
+            .with_precopy(config.precopy),
         );
         let mut specs = Vec::new();
         for i in 0..config.processors {
@@ -530,6 +551,7 @@ impl Simulation {
             faults: self.faults,
             stats,
             moves: self.moves,
+            precopy: self.cluster.precopy_stats(),
             trace: self.trace,
         }
     }

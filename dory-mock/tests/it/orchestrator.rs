@@ -179,8 +179,8 @@ async fn a_drain_moves_every_processor_make_before_break() {
 
 #[tokio::test(start_paused = true)]
 async fn killing_the_orchestrator_at_any_point_of_a_move_converges() {
-    // Every 7 ms of a move's life (launch, standby, freeze, fetch, load, commit, resume,
-    // terminate) gets an orchestrator crash in one of the rounds.
+    // Every 7 ms of a move's life (launch, standby, pre-copy, freeze, fetch, load, commit,
+    // resume, terminate) gets an orchestrator crash in one of the rounds.
     for delay_ms in (0..400).step_by(7) {
         let world = World::new(1);
         let (leader, _handle, task) = world.start();
@@ -209,8 +209,9 @@ async fn a_failed_freeze_rolls_back_then_the_move_is_retried() {
     let mut events = handle.events();
     world.run_for(Duration::from_secs(2)).await;
     let node = world.cluster.instance_records()[0].node.clone();
-    // The move's first control call is the freeze of the old instance.
-    world.cluster.fail_control_calls(1);
+    // The move's first control calls are the pre-copy (whose failure only skips it) and the
+    // freeze of the old instance.
+    world.cluster.fail_control_calls(2);
     world.cluster.drain(&node);
     world.run_for(Duration::from_secs(6)).await;
     world.assert_converged(1, "after the retried move");

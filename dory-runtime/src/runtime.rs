@@ -653,7 +653,14 @@ impl<P: Processor> RunLoop<P> {
                 snapshot::decode_header(bytes).is_ok_and(|h| h.kind == SnapshotKind::Delta)
             });
         self.checkpoint_after_step = loaded_delta;
-        shared.ctl.send_modify(|c| c.loaded_full = None);
+        // What the standby kept to check repeated loads is a state's worth of memory, and a
+        // running instance takes no load.
+        shared.ctl.send_modify(|c| {
+            c.loaded_full = None;
+            if let Some((_, _, bytes)) = &mut c.loaded {
+                *bytes = Bytes::new();
+            }
+        });
         // A fresh owner trusts the orchestrator's commit for its first lease; the heartbeat
         // renews it (or finds it fenced) right after.
         shared.lease_renewed(shared.now_ms());

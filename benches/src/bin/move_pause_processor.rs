@@ -10,7 +10,8 @@
 //! Stdout carries `started <t_ns>` when `main` begins, `connected <t_ns>` once the store and
 //! publisher are open (the bench splits a start-up with them), `listening on <address>` once
 //! the endpoint is bound and `exit: …` at the end, as the counter example does; the exit code
-//! is the runtime's (0 when nothing was lost).
+//! is the runtime's (0 when nothing was lost). The runtime's logs go to stderr (the instance's
+//! `stderr.log` under the local placement), warnings by default, more with `RUST_LOG`.
 //!
 //! `move_pause_processor supervise --dir <instance dir> -- <program> [args…]` is the local
 //! placement's supervisor instead (`dory_local::supervise`), so the bench needs no other
@@ -93,6 +94,15 @@ fn main() -> ExitCode {
         return dory_local::supervise(args.skip(1));
     }
     println!("started {}", now_ns());
+    // The runtime's warnings (and more with `RUST_LOG`) in the instance's stderr log.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -499,16 +499,15 @@ pub fn serialize_state<T: Serialize>(
         .map_err(|e| unserializable::<T>(processor, epoch, &e))
 }
 
-/// [`serialize_state`] into `out` (cleared first), so a caller that keeps one buffer for its
-/// state's body reuses its memory instead of allocating (and page-faulting in) a fresh
-/// state-sized one every time.
+/// [`serialize_state`], appended to `out`, so a caller that keeps one buffer for its state's
+/// body reuses its memory instead of allocating (and page-faulting in) a fresh state-sized one
+/// every time, and may write a header of its own before the state.
 pub fn serialize_state_into<T: Serialize>(
     processor: &ProcessorId,
     epoch: Epoch,
     state: &T,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    out.clear();
     bincode::serde::encode_into_std_write(state, out, bincode::config::standard())
         .map(|_| ())
         .map_err(|e| unserializable::<T>(processor, epoch, &e))
@@ -828,12 +827,14 @@ mod tests {
     }
 
     #[test]
-    fn serializing_into_a_used_buffer_writes_what_a_fresh_one_gets() {
+    fn serializing_into_a_used_buffer_appends_what_a_fresh_one_gets() {
         let state = sample_state();
         let fresh = serialize_state(&id("p"), Epoch(1), &state).unwrap();
         let mut used = vec![0xEE; fresh.len() * 3];
+        used.truncate(2);
         serialize_state_into(&id("p"), Epoch(1), &state, &mut used).unwrap();
-        assert_eq!(used, fresh);
+        assert_eq!(used[..2], [0xEE, 0xEE]);
+        assert_eq!(used[2..], fresh);
     }
 
     fn sample() -> Vec<u8> {

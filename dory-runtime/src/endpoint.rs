@@ -16,6 +16,10 @@ use serde::de::DeserializeOwned;
 use crate::shared::{Ctl, Frozen, Shared, SpareBody};
 
 /// What a snapshot body holds: the user's state with the runtime's own part of it.
+///
+/// Written as [`FIXED_HEAD`], the version and the output sequence as 8 bytes each
+/// (little-endian), then the input position and the state in bincode. Read in that form or
+/// in the one before it, all four fields in bincode (see [`decode_envelope`]).
 #[derive(serde::Deserialize)]
 pub(crate) struct Envelope<S> {
     /// The state's version: the snapshot's sequence, one up for every step, so a state that
@@ -27,13 +31,63 @@ pub(crate) struct Envelope<S> {
     pub(crate) state: S,
 }
 
-/// The same fields by reference, for encoding without a copy (bincode is positional).
-#[derive(Serialize)]
-pub(crate) struct EnvelopeRef<'a, S> {
-    pub(crate) version: u64,
-    pub(crate) sequence: u64,
-    pub(crate) position: &'a dory_core::InputPosition,
-    pub(crate) state: &'a S,
+/// The first byte of an envelope whose version and output sequence are fixed-width. In the
+/// form before, they were bincode varints, and a version or sequence crossing 250, 65,536 or
+/// 2³² lengthened them and shifted every byte of the state after them: the next delta was as
+/// large as the state. A bincode varint never starts with 255 (its tags stop at 254), so
+/// both forms read.
+pub(crate) const FIXED_HEAD: u8 = 255;
+
+/// [`FIXED_HEAD`], the version and the output sequence.
+const FIXED_HEAD_LEN: usize = 1 + 8 + 8;
+
+/// Serializes an envelope into `out`, after what it holds.
+pub(crate) fn serialize_envelope<S: Serialize>(
+    processor: &dory_core::ProcessorId,
+    epoch: dory_core::Epoch,
+    version: u64,
+    sequence: u64,
+    position: &dory_core::InputPosition,
+    state: &S,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    out.push(FIXED_HEAD);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&sequence.to_le_bytes());
+    snapshot::serialize_state_into(processor, epoch, &(position, state), out)
+}
+
+/// Reads an envelope from a decompressed body of the snapshot `header` describes, in either
+/// form (see [`FIXED_HEAD`]).
+pub(crate) fn decode_envelope<S: DeserializeOwned>(
+    header: &snapshot::SnapshotHeader,
+    body: &[u8],
+) -> Result<Envelope<S>> {
+    if body.first() != Some(&FIXED_HEAD) {
+        return snapshot::decode_state_body::<Envelope<S>>(header, body);
+    }
+    let Some((head, rest)) = body.split_at_checked(FIXED_HEAD_LEN) else {
+        return Err(Error::invalid(format!(
+            "snapshot of {} epoch {} sequence {}: the state's version and output sequence are cut short ({} bytes)",
+            header.processor,
+            header.epoch,
+            header.sequence,
+            body.len()
+        )));
+    };
+    let word = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&head[at..at + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    let (position, state) =
+        snapshot::decode_state_body::<(dory_core::InputPosition, S)>(header, rest)?;
+    Ok(Envelope {
+        version: word(1),
+        sequence: word(9),
+        position,
+        state,
+    })
 }
 
 /// The state loaded in standby, handed to the run loop at resume.
@@ -235,7 +289,7 @@ where
         let is_full = snapshot::decode_header(&bytes)?.kind == SnapshotKind::Full;
         let (header, envelope, base) = if is_full {
             let (header, body) = snapshot::decode_body(&bytes, &self.limits)?;
-            let envelope = snapshot::decode_state_body::<Envelope<S>>(&header, &body)?;
+            let envelope = decode_envelope::<S>(&header, &body)?;
             // The buffer for the state a delta makes of this one, prepared in the background:
             // when this full snapshot is the freeze's own, the resume follows at once and
             // nothing waits for it.
@@ -262,7 +316,7 @@ where
             // processor may decode the base and not every later value, and a refused load
             // rolls the move back with the old instance running, where a failure after the
             // commit would leave the processor down.
-            let envelope = snapshot::decode_state_body::<Envelope<S>>(&header, &body);
+            let envelope = decode_envelope::<S>(&header, &body);
             // Warm still: the run loop serializes into it once resumed.
             self.spare_body.put(body);
             (header, envelope?, None)
@@ -376,5 +430,112 @@ where
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dory_core::snapshot::{Base, Codec, Encoder, Limits};
+    use dory_core::{Epoch, InputPosition, ProcessorId};
+
+    use super::*;
+
+    fn id() -> ProcessorId {
+        ProcessorId::new("envelope").unwrap()
+    }
+
+    fn body(version: u64, state: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let state = state.to_vec();
+        serialize_envelope(
+            &id(),
+            Epoch(1),
+            version,
+            version,
+            &InputPosition::new(),
+            &state,
+            &mut out,
+        )
+        .unwrap();
+        out
+    }
+
+    fn header_of(bytes: &[u8]) -> snapshot::SnapshotHeader {
+        snapshot::decode_header(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_version_crossing_a_varint_boundary_shifts_nothing() {
+        // Incompressible, so the delta's size is the chunks it carries.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let state: Vec<u8> = (0..64 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let before = body(200, &state);
+        let after = body(300, &state);
+        assert_eq!(before.len(), after.len());
+        let full = Encoder::default()
+            .encode_body(&id(), Epoch(1), Sequence(200), Codec::Bincode, &before)
+            .unwrap();
+        let base = Base::of_encoded(&full, before).unwrap();
+        let delta = Encoder::default()
+            .encode_delta(&id(), Epoch(1), Sequence(300), &base, &after)
+            .unwrap();
+        // Only the chunk with the version and sequence changed, not all 17.
+        assert!(delta.len() < 2 * 4096, "{} bytes", delta.len());
+        let (header, applied) =
+            snapshot::apply_delta_to(&base, &delta, &Limits::default()).unwrap();
+        let envelope = decode_envelope::<Vec<u8>>(&header, &applied).unwrap();
+        assert_eq!((envelope.version, envelope.sequence), (300, 300));
+        assert_eq!(envelope.state, state);
+    }
+
+    #[test]
+    fn an_envelope_of_the_form_before_still_reads() {
+        #[derive(Serialize)]
+        struct Before {
+            version: u64,
+            sequence: u64,
+            position: InputPosition,
+            state: u64,
+        }
+        let old = Before {
+            version: 70_000,
+            sequence: 69_999,
+            position: InputPosition::new(),
+            state: 42,
+        };
+        let bytes = Encoder::default()
+            .encode_state(&id(), Epoch(1), Sequence(70_000), &old)
+            .unwrap();
+        let (header, body) = snapshot::decode_body(&bytes, &Limits::default()).unwrap();
+        assert_ne!(body[0], FIXED_HEAD);
+        let envelope = decode_envelope::<u64>(&header, &body).unwrap();
+        assert_eq!(
+            (envelope.version, envelope.sequence, envelope.state),
+            (70_000, 69_999, 42)
+        );
+    }
+
+    #[test]
+    fn a_cut_short_envelope_is_refused_with_what_is_missing() {
+        let whole = body(7, b"abc");
+        let bytes = Encoder::default()
+            .encode_body(&id(), Epoch(1), Sequence(7), Codec::Bincode, &whole)
+            .unwrap();
+        let header = header_of(&bytes);
+        let error = decode_envelope::<Vec<u8>>(&header, &whole[..10])
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("cut short"), "{error}");
+        let error = decode_envelope::<Vec<u8>>(&header, &whole[..whole.len() - 1])
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("does not decode"), "{error}");
     }
 }

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::endpoint::{Endpoint, Envelope, EnvelopeRef, Loaded};
+use crate::endpoint::{Endpoint, Envelope, Loaded, decode_envelope, serialize_envelope};
 use crate::error::RuntimeError;
 use crate::processor::{Context, Processor};
 use crate::shared::{Frozen, PreCopied, Shared, SpareBody, room_for};
@@ -778,14 +778,16 @@ impl<P: Processor> RunLoop<P> {
         // would copy the body several times and leave up to twice its size allocated.
         body.clear();
         body.reserve_exact(room_for(self.last_body_len));
-        let envelope = EnvelopeRef {
-            version: self.version.0,
-            sequence: self.ctx.sequence.0,
-            position: &self.ctx.position,
-            state: &self.state,
-        };
         let shared = self.shared();
-        snapshot::serialize_state_into(&shared.processor, shared.epoch, &envelope, &mut body)?;
+        serialize_envelope(
+            &shared.processor,
+            shared.epoch,
+            self.version.0,
+            self.ctx.sequence.0,
+            &self.ctx.position,
+            &self.state,
+            &mut body,
+        )?;
         self.last_body_len = body.len();
         Ok(body)
     }
@@ -834,14 +836,16 @@ impl<P: Processor> RunLoop<P> {
         let limits = self.settings.limits;
         async move {
             let Some(base) = snapshot::delta_base(&bytes)? else {
-                return snapshot::decode_state::<Envelope<P::State>>(&bytes, &limits);
+                let (header, body) = snapshot::decode_body(&bytes, &limits)?;
+                let envelope = decode_envelope::<P::State>(&header, &body)?;
+                return Ok((header, envelope));
             };
             let full = store
                 .get(&processor, base.epoch, base.sequence)
                 .await?
                 .ok_or_else(|| base.missing(&format!("restore of {processor}")))?;
             let (header, body) = snapshot::apply_delta(&full.bytes, &bytes, &limits)?;
-            let envelope = snapshot::decode_state_body::<Envelope<P::State>>(&header, &body)?;
+            let envelope = decode_envelope::<P::State>(&header, &body)?;
             Ok((header, envelope))
         }
     }

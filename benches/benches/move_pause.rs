@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use dory_benches::{BoxError, load_average, ms, percentiles};
+use dory_benches::{Background, BoxError, load_average, ms, percentiles};
 use dory_control::HttpControl;
 use dory_core::orchestrator::{Event, EventKind, Orchestrator, OrchestratorHandle, Settings};
 use dory_core::{
@@ -223,12 +223,7 @@ impl InstanceControl for TimedControl {
         .await
     }
     async fn fetch(&self, instance: &Instance) -> dory_core::Result<Vec<u8>> {
-        let bytes = timed(&self.log, |s| &mut s.fetch, self.inner.fetch(instance)).await?;
-        self.log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .snapshot_bytes = bytes.len();
-        Ok(bytes)
+        self.timed_fetch(self.inner.fetch(instance)).await
     }
     async fn load(&self, instance: &Instance, snapshot: &[u8]) -> dory_core::Result<()> {
         timed(
@@ -247,7 +242,18 @@ impl InstanceControl for TimedControl {
         self.inner.precopy(instance, timeout).await
     }
     async fn fetch_full(&self, instance: &Instance) -> dory_core::Result<Vec<u8>> {
-        let bytes = timed(&self.log, |s| &mut s.fetch, self.inner.fetch_full(instance)).await?;
+        self.timed_fetch(self.inner.fetch_full(instance)).await
+    }
+}
+
+impl TimedControl {
+    /// A fetch (of the frozen snapshot, or of the whole state after a refused delta), timed as
+    /// the move's fetch, with the size of what it brought.
+    async fn timed_fetch(
+        &self,
+        fetch: impl Future<Output = dory_core::Result<Vec<u8>>>,
+    ) -> dory_core::Result<Vec<u8>> {
+        let bytes = timed(&self.log, |s| &mut s.fetch, fetch).await?;
         self.log
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -915,14 +921,7 @@ async fn bench(full: bool) -> Result<()> {
     .settings(settings)
     .build();
     let handle = orchestrator.handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        orchestrator
-            .run_until(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let running = Background::run(orchestrator);
 
     let base_path = root.join("baseline.db");
     let base_db = EmbeddedDb::open(&base_path).await?;
@@ -967,8 +966,7 @@ async fn bench(full: bool) -> Result<()> {
 
     // Whatever happened: the orchestrator stops, then every instance it left is killed (they
     // run in sessions of their own and would outlive the bench).
-    let _ = stop.send(());
-    let _ = running.await;
+    running.stop().await;
     for node in NODES {
         let _ = placement.kill_node(&NodeId::new(node));
     }

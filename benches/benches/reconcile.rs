@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use dory_benches::{BoxError, load_average, ms, percentiles};
+use dory_benches::{Background, BoxError, load_average, ms, percentiles};
 use dory_core::orchestrator::{Orchestrator, Settings};
 use dory_core::{
     Epoch, Health, Phase, Placement, ProcessorId, ProcessorSpec, Resources, Sequence, SystemClock,
@@ -610,14 +610,7 @@ async fn orchestrated(server: &mut ServerProcess, scale: Scale) -> Result<Orches
     .settings(Settings::default())
     .build();
     let handle = orchestrator.handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        orchestrator
-            .run_until(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let running = Background::run(orchestrator);
 
     let n = scale.processors;
     let mut created = None;
@@ -694,8 +687,7 @@ async fn orchestrated(server: &mut ServerProcess, scale: Scale) -> Result<Orches
         percentiles(rounds.clone())
     };
 
-    let _ = stop.send(());
-    let _ = running.await;
+    running.stop().await;
     drop(placement);
     Ok(Orchestrated {
         created,

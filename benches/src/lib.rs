@@ -7,6 +7,33 @@ use std::time::Duration;
 use serde::de::{Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+/// An orchestrator running on a task of its own, until [`Background::stop`].
+pub struct Background {
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<dory_core::Result<()>>,
+}
+
+impl Background {
+    /// Runs `orchestrator` (`run_until`) on a task until stopped.
+    pub fn run(orchestrator: dory_core::orchestrator::Orchestrator) -> Background {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(async move {
+            orchestrator
+                .run_until(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Background { stop, running }
+    }
+
+    /// Stops the orchestrator and waits for its task to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.running.await;
+    }
+}
+
 /// Runs a benchmark that talks to a server on a two-thread tokio runtime. Its future gets
 /// `full`: true under `cargo bench` (which passes `--bench`), false under
 /// `cargo test --benches`, where a bench only makes a quick smoke run. A failure is printed

@@ -527,7 +527,12 @@ fn unserializable<T>(
 /// Deserializes a decompressed [`Codec::Bincode`] body (from [`decode_body`] or
 /// [`apply_delta`]) of the snapshot `header` describes; any other codec is an error naming it.
 pub fn decode_state_body<T: DeserializeOwned>(header: &SnapshotHeader, body: &[u8]) -> Result<T> {
-    require_bincode(header)?;
+    if header.codec != Codec::Bincode {
+        return Err(header.invalid(format!(
+            "codec {} is not Rust state (only bincode is); read the body with decode_body",
+            header.codec
+        )));
+    }
     let (state, used) = bounded::decode::<T>(body).map_err(|e| {
         let why = match e {
             bincode::error::DecodeError::UnexpectedEnd { .. } => {
@@ -548,16 +553,6 @@ pub fn decode_state_body<T: DeserializeOwned>(header: &SnapshotHeader, body: &[u
         )));
     }
     Ok(state)
-}
-
-fn require_bincode(header: &SnapshotHeader) -> Result<()> {
-    if header.codec != Codec::Bincode {
-        return Err(header.invalid(format!(
-            "codec {} is not Rust state (only bincode is); read the body with decode_body",
-            header.codec
-        )));
-    }
-    Ok(())
 }
 
 /// A stored snapshot's metadata as a SQL store reads it, column by column, in the order

@@ -330,19 +330,32 @@ async fn try_take(
     spec.lease_duration_seconds = Some(duration);
     // Replaced with the resourceVersion just read: if anyone wrote in between, the server
     // answers 409 and this replica has not won.
-    match api
-        .replace(&config.name, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(written) => Ok(Look::Won {
-            sent,
-            written: Box::new(written),
-        }),
-        Err(e) if status_code(&e) == Some(409) => Ok(Look::Taken {
+    Ok(replace_lease(api, config, &lease, sent)
+        .await?
+        .unwrap_or_else(|| Look::Taken {
             holder: String::new(),
             version: String::new(),
-        }),
-        Err(e) => Err(KubeError::api(what("renew"), e)),
+        }))
+}
+
+/// Replaces the Lease with `lease`, against the resourceVersion it carries; `None` when the
+/// server answers 409 (someone else wrote since).
+async fn replace_lease(
+    api: &Api<Lease>,
+    config: &LeaseConfig,
+    lease: &Lease,
+    sent: Instant,
+) -> Result<Option<Look>, KubeError> {
+    match api
+        .replace(&config.name, &PostParams::default(), lease)
+        .await
+    {
+        Ok(written) => Ok(Some(Look::Won {
+            sent,
+            written: Box::new(written),
+        })),
+        Err(e) if status_code(&e) == Some(409) => Ok(None),
+        Err(e) => Err(KubeError::api(format!("renew lease {}", config.name), e)),
     }
 }
 
@@ -357,16 +370,9 @@ async fn renew_written(
 ) -> Result<Look, KubeError> {
     let sent = Instant::now();
     lease.spec.get_or_insert_with(Default::default).renew_time = Some(now_micro());
-    match api
-        .replace(&config.name, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(written) => Ok(Look::Won {
-            sent,
-            written: Box::new(written),
-        }),
-        Err(e) if status_code(&e) == Some(409) => try_take(api, config, holder, None).await,
-        Err(e) => Err(KubeError::api(format!("renew lease {}", config.name), e)),
+    match replace_lease(api, config, &lease, sent).await? {
+        Some(won) => Ok(won),
+        None => try_take(api, config, holder, None).await,
     }
 }
 

@@ -236,6 +236,18 @@ impl InstanceControl for TimedControl {
     async fn resume(&self, instance: &Instance) -> dory_core::Result<()> {
         timed(&self.log, |s| &mut s.resume, self.inner.resume(instance)).await
     }
+    async fn resume_committed(
+        &self,
+        instance: &Instance,
+        committed: dory_core::Sequence,
+    ) -> dory_core::Result<()> {
+        timed(
+            &self.log,
+            |s| &mut s.resume,
+            self.inner.resume_committed(instance, committed),
+        )
+        .await
+    }
     // Outside the pause (the old instance runs meanwhile), so not timed; its `load` of the
     // pre-copied base comes before the move's own load, which is what the table shows.
     async fn precopy(&self, instance: &Instance, timeout: Duration) -> dory_core::Result<Vec<u8>> {

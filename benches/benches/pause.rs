@@ -441,8 +441,9 @@ impl Fleet for Processes {
 struct Sample {
     /// The processor's last step on the old instance to its first on the new one.
     pause: Duration,
-    /// Freeze, fetch, load, commit and resume (request to answer), then the resume answer to
-    /// the first step seen.
+    /// Freeze, fetch, load, commit and resume (request to answer; the load and the commit
+    /// run at once, both from the fetch's answer), then the resume answer to the first step
+    /// seen.
     steps: [Duration; 6],
     /// The freeze request to the resume answer.
     window: Duration,
@@ -506,16 +507,26 @@ impl<F: Fleet> World<'_, F> {
         let frozen = Instant::now();
         let bytes = self.control.fetch(&old.instance).await?;
         let fetched = Instant::now();
-        self.control.load(&new.instance, &bytes).await?;
-        let loaded = Instant::now();
         let snapshot_bytes = bytes.len();
-        let mut snapshot = StoredSnapshot::from_encoded(bytes, Timestamp(0))?;
-        snapshot.meta.epoch = new_epoch;
-        self.store
-            .commit_move(old.instance.epoch, &snapshot, LONG, self.term)
+        // The load and the commit at once, as the orchestrator does when both instances run
+        // the same revision; the resume names what was committed.
+        let load = async {
+            self.control.load(&new.instance, &bytes).await?;
+            Ok::<_, dory_core::Error>(Instant::now())
+        };
+        let commit = async {
+            let mut snapshot = StoredSnapshot::from_encoded(bytes.clone(), Timestamp(0))?;
+            snapshot.meta.epoch = new_epoch;
+            self.store
+                .commit_move(old.instance.epoch, &snapshot, LONG, self.term)
+                .await?;
+            Ok((Instant::now(), snapshot.meta.sequence))
+        };
+        let (loaded, (committed, sequence)) = tokio::try_join!(load, commit)?;
+        let handed = loaded.max(committed);
+        self.control
+            .resume_committed(&new.instance, sequence)
             .await?;
-        let committed = Instant::now();
-        self.control.resume(&new.instance).await?;
         let resumed = Instant::now();
         let (stepped, pause) = self.fleet.first_step(&mut new).await?;
         let pause = pause.ok_or("the new instance did not take over a state")?;
@@ -527,8 +538,8 @@ impl<F: Fleet> World<'_, F> {
                 frozen - started,
                 fetched - frozen,
                 loaded - fetched,
-                committed - loaded,
-                resumed - committed,
+                committed - fetched,
+                resumed - handed,
                 stepped.saturating_duration_since(resumed),
             ],
             window: resumed - started,
@@ -654,7 +665,7 @@ impl InstanceEndpoint for Floor {
         std::hint::black_box(state);
         Ok(())
     }
-    async fn resume(&self) -> dory_core::Result<()> {
+    async fn resume(&self, _committed: Option<dory_core::Sequence>) -> dory_core::Result<()> {
         Ok(())
     }
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use dory_core::{ControlEndpoint, Error, Health, Instance, InstanceControl, Result, SnapshotMeta};
+use dory_core::{
+    ControlEndpoint, Error, Health, Instance, InstanceControl, Result, Sequence, SnapshotMeta,
+};
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -22,7 +24,7 @@ use serde::de::DeserializeOwned;
 
 use crate::wire::{
     self, CONTENT_TYPE_JSON, CONTENT_TYPE_SNAPSHOT, CONTROL_BODY_LIMIT, DEFAULT_BODY_LIMIT,
-    ErrorBody, ErrorKind, FreezeRequest, Route,
+    ErrorBody, ErrorKind, FreezeRequest, ResumeRequest, Route,
 };
 
 /// How [`HttpControl`] calls instances.
@@ -397,6 +399,22 @@ impl InstanceControl for HttpControl {
             instance,
             Route::Resume,
             None,
+            Duration::ZERO,
+            CONTROL_BODY_LIMIT,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn resume_committed(&self, instance: &Instance, committed: Sequence) -> Result<()> {
+        let request = serde_json::to_vec(&ResumeRequest {
+            committed: Some(committed),
+        })
+        .map_err(|e| Error::invalid(format!("could not encode the resume request: {e}")))?;
+        self.call(
+            instance,
+            Route::Resume,
+            Some((CONTENT_TYPE_JSON, Bytes::from(request))),
             Duration::ZERO,
             CONTROL_BODY_LIMIT,
         )

@@ -36,7 +36,7 @@
 //!         Err(Error::conflict("not frozen"))
 //!     }
 //!     async fn load(&self, _: bytes::Bytes) -> Result<()> { Ok(()) }
-//!     async fn resume(&self) -> Result<()> { Ok(()) }
+//!     async fn resume(&self, _: Option<Sequence>) -> Result<()> { Ok(()) }
 //! }
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {

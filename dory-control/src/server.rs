@@ -17,7 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use dory_core::{Error, Health, Result, SnapshotMeta};
+use dory_core::{Error, Health, Result, Sequence, SnapshotMeta};
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -27,7 +27,7 @@ use subtle::ConstantTimeEq;
 use crate::wire::{
     self, BEARER_SCHEME, CONTENT_TYPE_JSON, CONTENT_TYPE_METRICS, CONTENT_TYPE_SNAPSHOT,
     CONTROL_BODY_LIMIT, DEFAULT_BODY_LIMIT, DEFAULT_FREEZE_TIMEOUT, ErrorBody, ErrorKind,
-    FreezeRequest, Readiness, Route,
+    FreezeRequest, Readiness, ResumeRequest, Route,
 };
 
 /// What an instance answers on its endpoints; the processor runtime implements it.
@@ -52,7 +52,9 @@ use crate::wire::{
 ///   sequence) the instance must not take, with [`Error::Invalid`] naming what was wrong,
 ///   leaving the state untouched. The body is at most the router's body limit.
 /// - [`resume`](InstanceEndpoint::resume) starts (or restarts) the run loop; idempotent. An
-///   instance that has lost ownership answers [`Error::Fenced`].
+///   instance that has lost ownership answers [`Error::Fenced`]. Given the sequence the
+///   orchestrator committed, a standby that loaded another snapshot or none restores that one
+///   from the state store first (see [`ResumeRequest`](crate::wire::ResumeRequest)).
 /// - Errors travel with the status of their meaning ([`ErrorKind::of`]); their messages are
 ///   shown to operators and must not contain secrets.
 #[async_trait]
@@ -76,8 +78,9 @@ pub trait InstanceEndpoint: Send + Sync + 'static {
     /// Loads an encoded snapshot without running (`PUT /state`).
     async fn load(&self, snapshot: Bytes) -> Result<()>;
 
-    /// Starts the run loop (`POST /state/resume`).
-    async fn resume(&self) -> Result<()>;
+    /// Starts the run loop (`POST /state/resume`); `committed` is the sequence of the
+    /// snapshot the orchestrator committed for this epoch, when it says.
+    async fn resume(&self, committed: Option<Sequence>) -> Result<()>;
 
     /// Stores a full checkpoint at the next safe point and keeps running (`POST
     /// /state/precopy`); answers the stored snapshot, the base of the delta the next freeze
@@ -326,6 +329,23 @@ async fn metrics(State(shared): SharedState) -> Response {
         .into_response()
 }
 
+/// A small JSON request body (`shape` says what it should look like), or `None` when the body
+/// is empty.
+async fn read_request<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+    shape: &str,
+) -> std::result::Result<Option<T>, Failure> {
+    let body = read_body(headers, body, CONTROL_BODY_LIMIT, what).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| Failure::new(ErrorKind::Invalid, format!("{what} is not {shape}: {e}")))
+}
+
 /// The timeout of a freeze or pre-copy request (`{"timeout_ms": …}`, or empty for the
 /// default), within the server's longest.
 async fn safe_point_timeout(
@@ -334,20 +354,9 @@ async fn safe_point_timeout(
     body: Body,
     what: &str,
 ) -> std::result::Result<Duration, Failure> {
-    let body = read_body(headers, body, CONTROL_BODY_LIMIT, what).await?;
-    let request = if body.iter().all(u8::is_ascii_whitespace) {
-        FreezeRequest {
-            timeout: DEFAULT_FREEZE_TIMEOUT,
-        }
-    } else {
-        serde_json::from_slice::<FreezeRequest>(&body).map_err(|e| {
-            Failure::new(
-                ErrorKind::Invalid,
-                format!("{what} is not {{\"timeout_ms\": <integer>}}: {e}"),
-            )
-        })?
-    };
-    let timeout = request.timeout;
+    let request: Option<FreezeRequest> =
+        read_request(headers, body, what, "{\"timeout_ms\": <integer>}").await?;
+    let timeout = request.map_or(DEFAULT_FREEZE_TIMEOUT, |r| r.timeout);
     let max = shared.settings.max_freeze_timeout;
     if timeout > max {
         return Err(Failure::new(
@@ -436,9 +445,24 @@ async fn load(State(shared): SharedState, headers: HeaderMap, body: Body) -> Res
     }
 }
 
-async fn resume(State(shared): SharedState) -> Response {
+async fn resume(State(shared): SharedState, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let outcome = shared.endpoint.resume().await.map_err(Failure::from);
+    let outcome = async {
+        let request: Option<ResumeRequest> = read_request(
+            &headers,
+            body,
+            "resume request",
+            "{\"committed_sequence\": <integer>}",
+        )
+        .await?;
+        let request = request.unwrap_or_default();
+        shared
+            .endpoint
+            .resume(request.committed)
+            .await
+            .map_err(Failure::from)
+    }
+    .await;
     log_outcome(Route::Resume, started, &outcome);
     match outcome {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),

@@ -13,7 +13,7 @@
 //! | `GET /state` | yes | — | 200, the encoded snapshot ([`CONTENT_TYPE_SNAPSHOT`]): a delta against the last pre-copy when there was one |
 //! | `GET /state/full` | yes | — | 200, the frozen state as a full snapshot |
 //! | `PUT /state` | yes | the encoded snapshot, at most the server's body limit | 204 |
-//! | `POST /state/resume` | yes | — | 204 |
+//! | `POST /state/resume` | yes | [`ResumeRequest`] as JSON (empty: no expectation) | 204 |
 //!
 //! The token travels as `Authorization: Bearer <token>` ([`bearer`]). Every failure answers
 //! with an [`ErrorBody`] (`{"error": "<kind>", "message": "..."}`) and the status of its
@@ -205,6 +205,23 @@ pub struct FreezeRequest {
     /// keeps running. On the wire: `timeout_ms`, integer milliseconds.
     #[serde(rename = "timeout_ms", with = "dory_core::model::duration_ms")]
     pub timeout: Duration,
+}
+
+/// The body of `POST /state/resume`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRequest {
+    /// The sequence of the snapshot the orchestrator committed for this instance's epoch. A
+    /// standby that loaded another snapshot, or none, restores this one from the state store
+    /// before it runs: the load and the commit of a move run at once, so a failed load or an
+    /// orchestrator that died between them must not leave the replacement running an older
+    /// state. Absent: the instance resumes with what it holds. On the wire:
+    /// `committed_sequence`.
+    #[serde(
+        rename = "committed_sequence",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub committed: Option<dory_core::Sequence>,
 }
 
 /// The answer of `GET /readyz` when the instance is ready.

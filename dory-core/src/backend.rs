@@ -196,6 +196,9 @@ pub struct Health {
 ///   checksum-failing or wrongly fenced snapshot is refused with
 ///   [`Invalid`](crate::Error::Invalid) and leaves the instance's state untouched.
 /// - [`resume`](InstanceControl::resume) starts (or restarts) the run loop; idempotent.
+///   [`resume_committed`](InstanceControl::resume_committed) does so for an instance whose
+///   epoch owns the processor with a committed snapshot of the given sequence: a standby that
+///   loaded another snapshot, or none, restores that one from the state store first.
 #[async_trait]
 pub trait InstanceControl: Send + Sync + 'static {
     /// The instance's health.
@@ -212,6 +215,13 @@ pub trait InstanceControl: Send + Sync + 'static {
 
     /// Starts the run loop of a standby or frozen instance.
     async fn resume(&self, instance: &Instance) -> Result<()>;
+
+    /// Starts the run loop of an instance whose epoch owns the processor, `committed` being
+    /// the sequence of the snapshot committed for it: a standby that holds another snapshot
+    /// (a pre-copy's base, a load that failed) or none restores the committed one from the
+    /// state store before it runs. This is what lets a move load the replacement while it
+    /// commits.
+    async fn resume_committed(&self, instance: &Instance, committed: Sequence) -> Result<()>;
 
     /// Has the running `instance` store a full checkpoint at its next safe point (within
     /// `timeout`) and keep running; returns the stored snapshot. A pre-copy move loads it into

@@ -1118,6 +1118,16 @@ impl InstanceControl for KubeControl {
         self.changed(instance, None);
         result
     }
+
+    async fn resume_committed(
+        &self,
+        instance: &Instance,
+        committed: dory_core::Sequence,
+    ) -> dory_core::Result<()> {
+        let result = self.http.resume_committed(instance, committed).await;
+        self.changed(instance, None);
+        result
+    }
 }
 
 #[cfg(test)]

@@ -386,7 +386,7 @@ where
         Ok(())
     }
 
-    async fn resume(&self) -> Result<()> {
+    async fn resume(&self, committed: Option<Sequence>) -> Result<()> {
         let mut refused = None;
         self.shared.ctl.send_if_modified(|c| {
             if let Some(why) = &c.fenced {
@@ -395,7 +395,7 @@ where
             }
             match c.phase() {
                 Phase::Running => false,
-                Phase::Standby if c.loaded.is_none() => {
+                Phase::Standby if c.loaded.is_none() && committed.is_none() => {
                     refused = Some(Error::conflict(
                         "the instance has no snapshot loaded; PUT /state first",
                     ));
@@ -403,6 +403,7 @@ where
                 }
                 Phase::Standby | Phase::Frozen => {
                     c.resume_requested = true;
+                    c.resume_committed = committed;
                     true
                 }
                 other => {

@@ -639,11 +639,23 @@ impl<P: Processor> RunLoop<P> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(envelope) = envelope {
-            self.adopt(envelope);
-        }
+        let committed = shared.ctl.borrow().resume_committed;
         let standby_body = self.standby_body.close();
         self.recycle(standby_body);
+        match (envelope, committed) {
+            (Some(envelope), Some(committed)) if envelope.version != committed.0 => {
+                // A pre-copy's base, or a load that lost its race with the commit: never run
+                // from a state that is not the committed one.
+                tracing::warn!(target: "dory::runtime", loaded = envelope.version, committed = committed.0, "the loaded snapshot is not the committed one; restoring that from the store");
+                return self.restore_committed().await;
+            }
+            (None, Some(committed)) => {
+                tracing::warn!(target: "dory::runtime", committed = committed.0, "resumed with no snapshot loaded; restoring the committed one from the store");
+                return self.restore_committed().await;
+            }
+            (Some(envelope), _) => self.adopt(envelope),
+            (None, None) => {}
+        }
         let loaded_delta = shared
             .ctl
             .borrow()
@@ -669,6 +681,16 @@ impl<P: Processor> RunLoop<P> {
         None
     }
 
+    /// A standby told to resume with a snapshot it does not hold: what it kept as a standby
+    /// goes, and it restores as mode `restore` does.
+    async fn restore_committed(&mut self) -> Option<Exit> {
+        self.shared().ctl.send_modify(|c| {
+            c.loaded = None;
+            c.loaded_full = None;
+        });
+        self.restore().await
+    }
+
     fn adopt(&mut self, envelope: Envelope<P::State>) {
         self.state = envelope.state;
         self.ctx.sequence = Sequence(envelope.sequence);
@@ -686,6 +708,7 @@ impl<P: Processor> RunLoop<P> {
         self.shared().ctl.send_modify(|c| {
             c.phase = Some(Phase::Running);
             c.resume_requested = false;
+            c.resume_committed = None;
             c.frozen = Frozen::No;
             c.delivered = false;
         });

@@ -52,6 +52,9 @@ pub(crate) struct Ctl {
     pub(crate) delivered: bool,
     pub(crate) frozen: Frozen,
     pub(crate) resume_requested: bool,
+    /// The sequence the orchestrator committed for this epoch, when the resume said: a
+    /// standby holding another snapshot restores that one from the store before it runs.
+    pub(crate) resume_committed: Option<Sequence>,
     pub(crate) shutdown: bool,
     pub(crate) fenced: Option<String>,
     /// A snapshot loaded in standby: its (epoch, sequence) and bytes, for idempotence.

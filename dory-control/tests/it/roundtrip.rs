@@ -58,7 +58,12 @@ async fn a_move_round_trips_every_call() {
     assert_eq!(new.state().loaded.as_deref(), Some(&bytes[..]));
 
     control.resume(&new_instance).await.unwrap();
-    control.resume(&new_instance).await.unwrap();
+    assert_eq!(new.state().resumed_at, None);
+    control
+        .resume_committed(&new_instance, Sequence(41))
+        .await
+        .unwrap();
+    assert_eq!(new.state().resumed_at, Some(Sequence(41)));
     new.step();
     let health = control.health(&new_instance).await.unwrap();
     assert_eq!(

@@ -44,6 +44,8 @@ pub(crate) struct FakeState {
     pub(crate) counter: u64,
     pub(crate) frozen: Option<Bytes>,
     pub(crate) loaded: Option<Bytes>,
+    /// The committed sequence the last resume named, if it named one.
+    pub(crate) resumed_at: Option<Sequence>,
 }
 
 impl Fake {
@@ -56,6 +58,7 @@ impl Fake {
                 counter,
                 frozen: None,
                 loaded: None,
+                resumed_at: None,
             }),
             stuck: AtomicBool::new(false),
             safe_point_delay: Mutex::new(Duration::ZERO),
@@ -196,7 +199,7 @@ impl InstanceEndpoint for Fake {
         Ok(())
     }
 
-    async fn resume(&self) -> Result<()> {
+    async fn resume(&self, committed: Option<Sequence>) -> Result<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fenced.load(Ordering::SeqCst) {
             return Err(Error::fenced(format!(
@@ -207,6 +210,7 @@ impl InstanceEndpoint for Fake {
         let mut st = self.state();
         st.phase = Phase::Running;
         st.frozen = None;
+        st.resumed_at = committed;
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use super::{EventKind, Inner, PlantedFault};
 use crate::error::{Error, Result};
 use crate::model::{
     Epoch, FailoverReport, Instance, InterruptionReason, LaunchMode, LaunchRequest, NodeId,
-    Ownership, Phase, ProcessorId, ProcessorSpec, StoredSnapshot, Term, Timestamp,
+    Ownership, Phase, ProcessorId, ProcessorSpec, Sequence, StoredSnapshot, Term, Timestamp,
 };
 use crate::planner::{Action, StartReason};
 
@@ -418,7 +418,7 @@ impl Op {
                 return Err(e);
             }
         };
-        if let Err(e) = self.commit_frozen(&old, epoch, bytes).await {
+        if let Err(e) = self.commit_frozen(&old, epoch, bytes).await.map(drop) {
             match self.commit_state(processor, from, epoch).await {
                 CommitState::Committed => {
                     tracing::warn!(target: "dory::orchestrator", error = %e, "commit reported an error but took effect");
@@ -450,7 +450,7 @@ impl Op {
     /// pre-copied, for this move or one that did not happen) that the store refuses with
     /// `Conflict` lacks its stored base, and a refusal changes nothing: the whole state is
     /// fetched and committed instead.
-    async fn commit_frozen(&self, old: &Instance, to: Epoch, bytes: Vec<u8>) -> Result<()> {
+    async fn commit_frozen(&self, old: &Instance, to: Epoch, bytes: Vec<u8>) -> Result<Sequence> {
         let delta = is_delta(&bytes);
         match self.commit(&old.processor, old.epoch, to, bytes).await {
             Err(Error::Conflict(why)) if delta => {
@@ -465,13 +465,14 @@ impl Op {
     }
 
     /// Commits a move: ownership `from` → `to` plus the snapshot, conditional on the term.
+    /// Returns the committed snapshot's sequence.
     async fn commit(
         &self,
         processor: &ProcessorId,
         from: Epoch,
         to: Epoch,
         bytes: Vec<u8>,
-    ) -> Result<()> {
+    ) -> Result<Sequence> {
         let now = self.inner.backends.clock.now();
         let mut snapshot = StoredSnapshot::from_encoded(bytes, now)
             .map_err(|e| e.context(format!("snapshot of {processor} from {from}")))?;
@@ -492,7 +493,8 @@ impl Op {
                 .store
                 .commit_move(from, &snapshot, lease, self.term),
         )
-        .await
+        .await?;
+        Ok(snapshot.meta.sequence)
     }
 
     /// Where a move from `from` to `to` stands, read from the ownership row. Anything but
@@ -522,13 +524,13 @@ impl Op {
             self.inner.backends.leadership.check(self.term),
         )
         .await?;
-        let owner = self
+        let row = self
             .call(
                 "read ownership",
                 self.inner.backends.store.ownership(&instance.processor),
             )
-            .await?
-            .and_then(|r| r.owner);
+            .await?;
+        let owner = row.as_ref().and_then(|r| r.owner);
         if owner != Some(instance.epoch) {
             return Err(Error::conflict(format!(
                 "{what}: {} of {} no longer owns the processor (owner {}); not resuming it",
@@ -537,7 +539,15 @@ impl Op {
                 owner.map_or("none".to_string(), |e| e.to_string())
             )));
         }
-        self.call(what, self.ctl().resume(instance)).await
+        // A replacement whose move committed while it loaded (or whose orchestrator died
+        // between the two) is told what was committed, and restores it if it holds another.
+        match row.and_then(|r| r.committed) {
+            Some((epoch, sequence)) if epoch == instance.epoch => {
+                self.call(what, self.ctl().resume_committed(instance, sequence))
+                    .await
+            }
+            _ => self.call(what, self.ctl().resume(instance)).await,
+        }
     }
 }
 
@@ -591,7 +601,8 @@ enum MoveStep {
     Freeze,
     /// Fetch the frozen snapshot.
     Fetch,
-    /// Load it into the replacement.
+    /// Load it into the replacement; when both instances run the same revision of the
+    /// processor, commit at the same time (see [`MoveOp::load_and_commit`]).
     Load,
     /// Commit: ownership and snapshot, atomically, conditional on the term.
     Commit,
@@ -612,6 +623,8 @@ struct MoveOp<'a> {
     epoch: Option<Epoch>,
     replacement: Option<Instance>,
     snapshot: Option<Vec<u8>>,
+    /// The committed snapshot's sequence, once committed.
+    committed: Option<Sequence>,
     frozen_at: Option<crate::model::Timestamp>,
     pause_ms: u64,
 }
@@ -627,6 +640,7 @@ impl<'a> MoveOp<'a> {
             epoch: None,
             replacement: None,
             snapshot: None,
+            committed: None,
             frozen_at: None,
             pause_ms: 0,
         }
@@ -636,8 +650,10 @@ impl<'a> MoveOp<'a> {
         let span = tracing::info_span!("move", processor.id = %self.processor, epoch = self.old.epoch.0, node = %self.to);
         async {
             while self.step != MoveStep::Done {
-                let step = self.step;
                 if let Err(e) = self.advance().await {
+                    // The step that failed: a load that commits at the same time fails as the
+                    // commit when the commit does.
+                    let step = self.step;
                     tracing::warn!(target: "dory::orchestrator", ?step, error = %e, "move step failed");
                     return Err(self.recover(step, e).await);
                 }
@@ -721,25 +737,13 @@ impl<'a> MoveOp<'a> {
                 self.snapshot = Some(op.call("fetch snapshot", op.ctl().fetch(&self.old)).await?);
                 MoveStep::Load
             }
+            MoveStep::Load if self.overlaps() => {
+                return self.load_and_commit().await;
+            }
             MoveStep::Load => {
-                let bytes = self.snapshot.as_deref().unwrap_or_default();
-                let loaded = op
-                    .call("load snapshot", op.ctl().load(self.replacement()?, bytes))
-                    .await;
-                if let Err(e) = loaded {
-                    if !is_delta(bytes) {
-                        return Err(e);
-                    }
-                    // The replacement lacks the delta's base (the pre-copy did not reach it):
-                    // the whole state, then.
-                    tracing::info!(target: "dory::orchestrator", error = %e, "the replacement refused the delta; sending the whole state");
-                    let full = op
-                        .call("fetch full snapshot", op.ctl().fetch_full(&self.old))
-                        .await?;
-                    op.call("load snapshot", op.ctl().load(self.replacement()?, &full))
-                        .await?;
-                    self.snapshot = Some(full);
-                }
+                let bytes = self.snapshot.take().unwrap_or_default();
+                let full = self.load(&bytes).await?;
+                self.snapshot = Some(full.unwrap_or(bytes));
                 if self.fault() == PlantedFault::ResumeBeforeCommit {
                     op.call("resume replacement", op.ctl().resume(self.replacement()?))
                         .await?;
@@ -749,12 +753,16 @@ impl<'a> MoveOp<'a> {
             MoveStep::Commit => {
                 let bytes = self.snapshot.take().unwrap_or_default();
                 let epoch = self.epoch.unwrap_or_default();
-                op.commit_frozen(&self.old, epoch, bytes).await?;
+                self.committed = Some(op.commit_frozen(&self.old, epoch, bytes).await?);
                 MoveStep::Resume
             }
             MoveStep::Resume => {
-                op.call("resume replacement", op.ctl().resume(self.replacement()?))
-                    .await?;
+                let replacement = self.replacement()?;
+                let resumed = match self.committed {
+                    Some(sequence) => op.ctl().resume_committed(replacement, sequence),
+                    None => op.ctl().resume(replacement),
+                };
+                op.call("resume replacement", resumed).await?;
                 if let Some(frozen_at) = self.frozen_at {
                     self.pause_ms =
                         op.inner.backends.clock.now().since(frozen_at).as_millis() as u64;
@@ -768,6 +776,69 @@ impl<'a> MoveOp<'a> {
             MoveStep::Done => MoveStep::Done,
         };
         Ok(())
+    }
+
+    /// Whether the load and the commit run at once. Only when both instances run the same
+    /// revision: a load the replacement refuses then means a lost or damaged transfer, which
+    /// the replacement mends at the resume by restoring the committed snapshot from the store
+    /// ([`InstanceControl::resume_committed`](crate::InstanceControl::resume_committed)). A
+    /// new revision may fail to decode the state, and that must roll the move back with the
+    /// old instance running, so it loads before the commit.
+    fn overlaps(&self) -> bool {
+        self.fault() == PlantedFault::None
+            && self
+                .replacement
+                .as_ref()
+                .is_some_and(|r| r.revision == self.old.revision)
+    }
+
+    /// Loads the frozen snapshot `bytes` into the replacement; a delta it refuses (it lacks
+    /// the pre-copied base) is followed by the whole state, which is returned.
+    async fn load(&self, bytes: &[u8]) -> Result<Option<Vec<u8>>> {
+        let op = self.op;
+        let loaded = op
+            .call("load snapshot", op.ctl().load(self.replacement()?, bytes))
+            .await;
+        let Err(e) = loaded else {
+            return Ok(None);
+        };
+        if !is_delta(bytes) {
+            return Err(e);
+        }
+        tracing::info!(target: "dory::orchestrator", error = %e, "the replacement refused the delta; sending the whole state");
+        let full = op
+            .call("fetch full snapshot", op.ctl().fetch_full(&self.old))
+            .await?;
+        op.call("load snapshot", op.ctl().load(self.replacement()?, &full))
+            .await?;
+        Ok(Some(full))
+    }
+
+    /// The load and the commit at once: the pause then waits for the longer of the two, not
+    /// both. A failed commit is the commit step's failure (the ownership row decides between
+    /// rolling back and forward); a failed load after a commit is mended at the resume.
+    async fn load_and_commit(&mut self) -> Result<()> {
+        let op = self.op;
+        let bytes = self.snapshot.take().unwrap_or_default();
+        let epoch = self.epoch.unwrap_or_default();
+        let (loaded, committed) = tokio::join!(
+            self.load(&bytes),
+            op.commit_frozen(&self.old, epoch, bytes.clone())
+        );
+        match committed {
+            Ok(sequence) => {
+                if let Err(e) = loaded {
+                    tracing::warn!(target: "dory::orchestrator", error = %e, "the replacement did not load the frozen snapshot; it restores the committed one at the resume");
+                }
+                self.committed = Some(sequence);
+                self.step = MoveStep::Resume;
+                Ok(())
+            }
+            Err(e) => {
+                self.step = MoveStep::Commit;
+                Err(e)
+            }
+        }
     }
 
     /// The pre-copy step: failures are logged, never fatal.

@@ -168,7 +168,7 @@ impl InstanceEndpoint for Endpoint {
     async fn load(&self, _snapshot: Bytes) -> Result<()> {
         Ok(())
     }
-    async fn resume(&self) -> Result<()> {
+    async fn resume(&self, _committed: Option<dory_core::Sequence>) -> Result<()> {
         *self.phase.lock().unwrap() = Phase::Running;
         Ok(())
     }

@@ -1501,4 +1501,45 @@ impl InstanceControl for SimCluster {
         }
         Ok(())
     }
+
+    async fn resume_committed(&self, instance: &Instance, committed: Sequence) -> Result<()> {
+        // As the runtime: a standby holding another state than the committed one (a
+        // pre-copy's base, or nothing: the load lost its race with the commit, or the
+        // orchestrator died between them) restores the committed one from the store.
+        let stale = self.with_instance(instance, |i| {
+            Ok(i.record.phase == Phase::Standby
+                && !i.fenced
+                && (!i.loaded || i.state.seq != committed.0))
+        })?;
+        if !stale {
+            return self.resume(instance).await;
+        }
+        self.control_call(instance, None).await?;
+        let key = (instance.processor.clone(), instance.epoch);
+        let cut_off = {
+            let mut st = self.lock();
+            self.note(
+                &mut st,
+                format!(
+                    "restoring committed {} {} at {}",
+                    instance.processor, instance.epoch, committed.0
+                ),
+            );
+            !Self::reachable(&st, &instance.node)
+        };
+        self.with_instance(instance, |i| {
+            i.loaded_full = None;
+            Ok(())
+        })?;
+        self.restore(&key, cut_off, self.clock.now()).await;
+        let running = self.with_instance(instance, |i| Ok(i.record.phase == Phase::Running))?;
+        if !running {
+            return Err(Error::unavailable(format!(
+                "instance {} of {} could not restore the committed snapshot yet",
+                instance.epoch, instance.processor
+            )));
+        }
+        self.tick_instance(&key).await;
+        Ok(())
+    }
 }

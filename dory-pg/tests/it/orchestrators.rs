@@ -226,6 +226,16 @@ impl InstanceControl for Hands {
         let _turn = self.steps.lock().await;
         self.cluster.resume(instance).await
     }
+
+    async fn resume_committed(
+        &self,
+        instance: &Instance,
+        committed: dory_core::Sequence,
+    ) -> dory_core::Result<()> {
+        self.record("resume", &instance.processor, instance.epoch);
+        let _turn = self.steps.lock().await;
+        self.cluster.resume_committed(instance, committed).await
+    }
 }
 
 /// One orchestrator process.

@@ -28,6 +28,14 @@ async fn counting_with_base(world: &World) -> (Running, Epoch, Vec<u8>) {
     (old, epoch, base)
 }
 
+/// Claims an epoch and starts it in standby: (the instance, its epoch).
+async fn standby(world: &World) -> (Running, Epoch) {
+    let epoch = world.claim(false).await;
+    let standby = world.start(epoch, LaunchMode::Standby).await;
+    world.until_phase(&standby.instance, Phase::Standby).await;
+    (standby, epoch)
+}
+
 /// Freezes `old` and fetches its snapshot; returns it with the output count at the freeze.
 async fn freeze(world: &World, old: &Running) -> (Vec<u8>, u64) {
     world
@@ -73,9 +81,7 @@ async fn a_precopy_move_sends_a_delta_and_the_count_continues() {
         })
         .await;
 
-    let new_epoch = world.claim(false).await;
-    let new = world.start(new_epoch, LaunchMode::Standby).await;
-    world.until_phase(&new.instance, Phase::Standby).await;
+    let (new, new_epoch) = standby(&world).await;
     world.control.load(&new.instance, &base).await.unwrap();
 
     let (delta, frozen_at) = freeze(&world, &old).await;
@@ -114,9 +120,7 @@ async fn a_precopy_move_sends_a_delta_and_the_count_continues() {
 async fn a_delta_without_its_base_is_refused_and_the_full_state_is_served() {
     let world = World::new("baseless").await;
     let (old, old_epoch, base) = counting_with_base(&world).await;
-    let new_epoch = world.claim(false).await;
-    let new = world.start(new_epoch, LaunchMode::Standby).await;
-    world.until_phase(&new.instance, Phase::Standby).await;
+    let (new, new_epoch) = standby(&world).await;
 
     let (delta, frozen_at) = freeze(&world, &old).await;
     // No base loaded: the delta is refused and nothing is loaded (resume still refuses).
@@ -147,13 +151,72 @@ async fn a_delta_without_its_base_is_refused_and_the_full_state_is_served() {
     assert_contiguous(&world);
 }
 
+/// The orchestrator loads and commits at once; when the load is lost (here: never sent), the
+/// standby holds only the pre-copy's base. Told at its resume which sequence was committed,
+/// it restores that from the store instead of running from the older base, and the count
+/// continues without a gap or a repeat. With nothing loaded at all it does the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_resumed_with_a_committed_sequence_it_lacks_restores_it() {
+    let world = World::new("mended").await;
+    let (old, old_epoch, base) = counting_with_base(&world).await;
+    let (new, new_epoch) = standby(&world).await;
+    world.control.load(&new.instance, &base).await.unwrap();
+    let (delta, frozen_at) = freeze(&world, &old).await;
+    let delta_header = snapshot::verify(&delta).unwrap();
+    assert!(delta_header.sequence > snapshot::verify(&base).unwrap().sequence);
+    commit(&world, old_epoch, new_epoch, &delta).await.unwrap();
+    world
+        .control
+        .resume_committed(&new.instance, delta_header.sequence)
+        .await
+        .unwrap();
+    let health = world.control.health(&new.instance).await.unwrap();
+    assert_eq!(health.phase, Phase::Running);
+    world
+        .until("the new instance publishes", |w| {
+            w.sequences().len() as u64 >= frozen_at + 10
+        })
+        .await;
+    assert_eq!(old.shutdown().await, Exit::NotOwner);
+
+    // Nothing loaded: the same, from the new owner's own checkpoint (saved at shutdown).
+    let saved = new.shutdown().await;
+    let Exit::Saved {
+        sequence: Some(saved),
+    } = saved
+    else {
+        panic!("the owner did not save at shutdown: {saved:?}");
+    };
+    let (unloaded, third) = standby(&world).await;
+    let mut snapshot = world.store.latest(&world.processor).await.unwrap().unwrap();
+    snapshot.meta.epoch = third;
+    world
+        .store
+        .commit_move(new_epoch, &snapshot, LEASE, world.term)
+        .await
+        .unwrap();
+    let last = world.sequences().len() as u64;
+    let refused = world.control.resume(&unloaded.instance).await.unwrap_err();
+    assert!(matches!(refused, Error::Conflict(_)), "{refused}");
+    world
+        .control
+        .resume_committed(&unloaded.instance, saved)
+        .await
+        .unwrap();
+    world
+        .until("the third instance publishes", |w| {
+            w.sequences().len() as u64 >= last + 10
+        })
+        .await;
+    unloaded.shutdown().await;
+    assert_contiguous(&world);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delta_of_another_base_is_refused_and_the_loaded_state_kept() {
     let world = World::new("otherbase").await;
     let (old, old_epoch, first) = counting_with_base(&world).await;
-    let new_epoch = world.claim(false).await;
-    let new = world.start(new_epoch, LaunchMode::Standby).await;
-    world.until_phase(&new.instance, Phase::Standby).await;
+    let (new, new_epoch) = standby(&world).await;
     world.control.load(&new.instance, &first).await.unwrap();
     // A second pre-copy replaces the old instance's base; the replacement holds the first.
     let before = world.sequences().len();

@@ -9,6 +9,8 @@ mod codec;
 mod errors;
 mod host;
 mod state;
+#[cfg(test)]
+mod testing;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;

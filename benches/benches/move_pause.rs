@@ -32,7 +32,8 @@
 //! no periodic checkpoint lands in a measurement.
 //!
 //! `cargo bench -p dory-benches --bench move_pause` (`DORY_BENCH_SIZES=1MiB` for one size;
-//! the orchestrator's warnings go to stderr, `RUST_LOG=dory::orchestrator=debug` for more).
+//! `DORY_BENCH_LOAD_WHILE_COMMITTING=false` to load before the commit; the orchestrator's
+//! warnings go to stderr, `RUST_LOG=dory::orchestrator=debug` for more).
 //! Without `--bench` (as under `cargo test --benches`) it makes two moves and two restarts of
 //! 1 KiB as a smoke test.
 
@@ -884,7 +885,22 @@ async fn bench(full: bool) -> Result<()> {
     let logs = root.join("baseline-logs");
     std::fs::create_dir_all(&out)?;
     std::fs::create_dir_all(&logs)?;
-    let settings = Settings::default();
+    let settings = Settings {
+        // For a comparison in one sitting: `DORY_BENCH_LOAD_WHILE_COMMITTING=false` loads the
+        // replacement before the commit, as moves did before the two ran at once.
+        load_while_committing: match std::env::var("DORY_BENCH_LOAD_WHILE_COMMITTING").as_deref() {
+            Err(_) | Ok("true") => true,
+            Ok("false") => false,
+            Ok(other) => {
+                return Err(format!(
+                    "DORY_BENCH_LOAD_WHILE_COMMITTING: {other:?} is not true or false"
+                )
+                .into());
+            }
+        },
+        ..Settings::default()
+    };
+    eprintln!("load while committing: {}", settings.load_while_committing);
     let lease = settings.planner.lease;
 
     let db_path = root.join("dory.db");

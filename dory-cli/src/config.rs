@@ -103,6 +103,9 @@ pub(crate) struct OrchestratorSection {
     /// The longest retry delay.
     #[serde(default, deserialize_with = "opt_duration")]
     pub(crate) retry_max: Option<Duration>,
+    /// Whether a move loads the replacement while it commits (same revision only); `false`
+    /// loads before the commit, so a failed load always rolls back.
+    pub(crate) load_while_committing: Option<bool>,
 }
 
 impl Default for OrchestratorSection {
@@ -712,6 +715,7 @@ fn settings(o: &OrchestratorSection) -> Settings {
         poll_interval: o.poll_interval.unwrap_or(d.poll_interval),
         retry_initial: o.retry_initial.unwrap_or(d.retry_initial),
         retry_max: o.retry_max.unwrap_or(d.retry_max),
+        load_while_committing: o.load_while_committing.unwrap_or(d.load_while_committing),
     }
 }
 
@@ -783,6 +787,18 @@ site = "cloud"
         assert_eq!(s.planner.lease, Duration::from_secs(3));
         assert_eq!(s.planner.lease_margin, Duration::from_millis(500));
         assert_eq!(s.planner.node_lost_grace, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_move_loads_while_it_commits_unless_told_not_to() {
+        assert!(parse(MINIMAL).unwrap().settings.load_while_committing);
+        let text = format!("[orchestrator]\nload_while_committing = false\n{MINIMAL}");
+        assert!(!parse(&text).unwrap().settings.load_while_committing);
+        let err = parse(&format!(
+            "[orchestrator]\nload_while_committing = 1\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        assert!(err.contains("load_while_committing"), "{err}");
     }
 
     #[test]

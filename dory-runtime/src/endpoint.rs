@@ -403,7 +403,8 @@ where
                 }
                 Phase::Standby | Phase::Frozen => {
                     c.resume_requested = true;
-                    c.resume_committed = committed;
+                    // A repeated request must not drop what an earlier one named.
+                    c.resume_committed = c.resume_committed.max(committed);
                     true
                 }
                 other => {

@@ -515,7 +515,7 @@ impl<P: Processor> RunLoop<P> {
 
     async fn run(mut self) -> Exit {
         let start = match self.mode {
-            LaunchMode::Restore => self.restore().await,
+            LaunchMode::Restore => self.restore(None).await,
             LaunchMode::Standby => self.stand_by().await,
         };
         if let Some(exit) = start {
@@ -561,8 +561,10 @@ impl<P: Processor> RunLoop<P> {
     }
 
     /// Mode `restore`: the latest committed snapshot, or `Default` when there is none; then
-    /// confirm ownership by renewing the lease.
-    async fn restore(&mut self) -> Option<Exit> {
+    /// confirm ownership by renewing the lease. With `committed` (a standby told what its
+    /// move committed), a latest snapshot older than that is not taken: the store is read
+    /// again until it shows it.
+    async fn restore(&mut self, committed: Option<Sequence>) -> Option<Exit> {
         let shared = self.shared().clone();
         let started = tokio::time::Instant::now();
         loop {
@@ -577,6 +579,14 @@ impl<P: Processor> RunLoop<P> {
                     continue;
                 }
             };
+            let found = latest.as_ref().map(|s| s.meta.sequence);
+            if let Some(committed) = committed
+                && found.is_none_or(|found| found < committed)
+            {
+                tracing::warn!(target: "dory::runtime", committed = committed.0, found = found.map(|s| s.0), "the store's latest snapshot is older than the committed one; reading again");
+                self.wait_or_safe_point(self.settings.retry).await;
+                continue;
+            }
             if let Some(stored) = latest {
                 let size = stored.bytes.len() as u64;
                 match self.read_stored(stored.bytes).await {
@@ -647,11 +657,11 @@ impl<P: Processor> RunLoop<P> {
                 // A pre-copy's base, or a load that lost its race with the commit: never run
                 // from a state that is not the committed one.
                 tracing::warn!(target: "dory::runtime", loaded = envelope.version, committed = committed.0, "the loaded snapshot is not the committed one; restoring that from the store");
-                return self.restore_committed().await;
+                return self.restore_committed(committed).await;
             }
             (None, Some(committed)) => {
                 tracing::warn!(target: "dory::runtime", committed = committed.0, "resumed with no snapshot loaded; restoring the committed one from the store");
-                return self.restore_committed().await;
+                return self.restore_committed(committed).await;
             }
             (Some(envelope), _) => self.adopt(envelope),
             (None, None) => {}
@@ -683,12 +693,12 @@ impl<P: Processor> RunLoop<P> {
 
     /// A standby told to resume with a snapshot it does not hold: what it kept as a standby
     /// goes, and it restores as mode `restore` does.
-    async fn restore_committed(&mut self) -> Option<Exit> {
+    async fn restore_committed(&mut self, committed: Sequence) -> Option<Exit> {
         self.shared().ctl.send_modify(|c| {
             c.loaded = None;
             c.loaded_full = None;
         });
-        self.restore().await
+        self.restore(Some(committed)).await
     }
 
     fn adopt(&mut self, envelope: Envelope<P::State>) {

@@ -76,6 +76,19 @@ pub struct Settings {
     pub retry_initial: Duration,
     /// The longest retry delay.
     pub retry_max: Duration,
+    /// Whether a move loads the replacement while it commits, when both instances run the
+    /// same revision: the pause then waits for the longer of the two, not both, and a load
+    /// lost meanwhile is mended by the replacement restoring the committed snapshot at its
+    /// resume. Off, the replacement loads before the commit, so any load failure rolls the
+    /// move back with the old instance running: for processors whose code can change under
+    /// one revision (a command rebuilt in place, a mutable image tag), or instances on a
+    /// runtime older than `resume_committed`. Default on.
+    #[serde(default = "load_while_committing")]
+    pub load_while_committing: bool,
+}
+
+fn load_while_committing() -> bool {
+    true
 }
 
 impl Settings {
@@ -155,6 +168,7 @@ impl Default for Settings {
             poll_interval: Duration::from_millis(50),
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
+            load_while_committing: load_while_committing(),
         }
     }
 }

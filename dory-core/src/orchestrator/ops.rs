@@ -786,6 +786,7 @@ impl<'a> MoveOp<'a> {
     /// old instance running, so it loads before the commit.
     fn overlaps(&self) -> bool {
         self.fault() == PlantedFault::None
+            && self.op.inner.settings.load_while_committing
             && self
                 .replacement
                 .as_ref()

@@ -68,6 +68,7 @@ fn settings() -> Settings {
         poll_interval: Duration::from_millis(50),
         retry_initial: Duration::from_millis(200),
         retry_max: Duration::from_secs(2),
+        load_while_committing: true,
     }
 }
 

@@ -215,6 +215,7 @@ impl Default for SimConfig {
                 poll_interval: Duration::from_millis(100),
                 retry_initial: Duration::from_millis(200),
                 retry_max: Duration::from_secs(3),
+                load_while_committing: true,
             },
             timing: InstanceTiming {
                 start_delay: Duration::from_millis(300),

@@ -87,6 +87,7 @@ fn settings() -> Settings {
         poll_interval: Duration::from_millis(20),
         retry_initial: Duration::from_millis(200),
         retry_max: Duration::from_secs(2),
+        ..Settings::default()
     }
 }
 

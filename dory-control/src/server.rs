@@ -54,7 +54,7 @@ use crate::wire::{
 /// - [`resume`](InstanceEndpoint::resume) starts (or restarts) the run loop; idempotent. An
 ///   instance that has lost ownership answers [`Error::Fenced`]. Given the sequence the
 ///   orchestrator committed, a standby that loaded another snapshot or none restores that one
-///   from the state store first (see [`ResumeRequest`](crate::wire::ResumeRequest)).
+///   from the state store first (see [`ResumeRequest`]).
 /// - Errors travel with the status of their meaning ([`ErrorKind::of`]); their messages are
 ///   shown to operators and must not contain secrets.
 #[async_trait]

@@ -589,9 +589,14 @@ impl<P: Processor> RunLoop<P> {
             }
             if let Some(stored) = latest {
                 let size = stored.bytes.len() as u64;
+                let delta = snapshot::decode_header(&stored.bytes)
+                    .is_ok_and(|h| h.kind == SnapshotKind::Delta);
                 match self.read_stored(stored.bytes).await {
                     Ok((header, envelope)) => {
                         self.adopt(envelope);
+                        // As after loading a delta: a full checkpoint follows the first step,
+                        // so the store need not keep reading this one beside its base.
+                        self.checkpoint_after_step = delta;
                         self.shared()
                             .metrics
                             .snapshot_bytes

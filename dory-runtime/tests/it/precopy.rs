@@ -262,6 +262,25 @@ async fn a_restore_reads_a_committed_delta_beside_its_base() {
             w.sequences().len() as u64 >= frozen_at + 10
         })
         .await;
+    // A state restored from a delta is checkpointed in full right after its first step, as
+    // one loaded as a delta is, not only at the next periodic checkpoint.
+    let delta_sequence = snapshot::verify(&delta).unwrap().sequence;
+    world
+        .until("the restored instance's first checkpoint", |w| {
+            w.committed()
+                .is_some_and(|(e, s)| e == new_epoch && s > delta_sequence)
+        })
+        .await;
+    let first = world
+        .store
+        .history(&world.processor)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.epoch == new_epoch && m.sequence > delta_sequence)
+        .map(|m| m.sequence.0)
+        .min();
+    assert_eq!(first, Some(delta_sequence.0 + 1));
     restored.shutdown().await;
     assert_contiguous(&world);
 }

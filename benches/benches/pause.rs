@@ -646,6 +646,7 @@ impl InstanceEndpoint for Floor {
             phase: Phase::Standby,
             epoch: Epoch(1),
             sequence: Sequence(0),
+            protocol: dory_core::CONTROL_PROTOCOL,
         }
     }
     fn ready(&self) -> dory_core::Result<()> {

@@ -321,6 +321,7 @@ async fn health_responder(listener: tokio::net::TcpListener, addresses: Addresse
                     phase: Phase::Running,
                     epoch: Epoch(epoch),
                     sequence: Sequence(0),
+                    protocol: dory_core::CONTROL_PROTOCOL,
                 };
                 let body = serde_json::to_vec(&health).unwrap_or_default();
                 (

@@ -25,7 +25,7 @@
 //! #[async_trait::async_trait]
 //! impl InstanceEndpoint for Standby {
 //!     fn health(&self) -> Health {
-//!         Health { phase: Phase::Standby, epoch: Epoch(2), sequence: Sequence(0) }
+//!         Health { phase: Phase::Standby, epoch: Epoch(2), sequence: Sequence(0), protocol: dory_core::CONTROL_PROTOCOL }
 //!     }
 //!     fn ready(&self) -> Result<()> { Ok(()) }
 //!     fn metrics(&self) -> String { "dory_epoch 2\n".into() }

@@ -182,7 +182,18 @@ pub struct Health {
     pub epoch: Epoch,
     /// Its current sequence.
     pub sequence: Sequence,
+    /// The instance-control protocol it speaks ([`CONTROL_PROTOCOL`] for this release); an
+    /// answer without the field, from a runtime before protocols were numbered, reads as 0.
+    #[serde(default)]
+    pub protocol: u32,
 }
+
+/// The instance-control protocol of this release. 1: a resume may name the committed
+/// sequence ([`InstanceControl::resume_committed`]), and a standby that holds another snapshot
+/// restores that one from the store. The orchestrator loads a replacement while it commits
+/// only when the replacement speaks 1 or later: a runtime before it would resume with what it
+/// holds.
+pub const CONTROL_PROTOCOL: u32 = 1;
 
 /// The orchestrator's control channel to an instance's state endpoints.
 ///

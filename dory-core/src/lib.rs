@@ -30,8 +30,8 @@ pub mod snapshot;
 pub mod testing;
 
 pub use backend::{
-    ConfigSource, Health, InstanceControl, Intent, Leadership, OutputMessage, Placement, Publisher,
-    RecordedIntents, StateStore, StatusSink,
+    CONTROL_PROTOCOL, ConfigSource, Health, InstanceControl, Intent, Leadership, OutputMessage,
+    Placement, Publisher, RecordedIntents, StateStore, StatusSink,
 };
 pub use changes::{ChangeNotifier, Changes};
 pub use clock::{Clock, SystemClock, TokioClock};

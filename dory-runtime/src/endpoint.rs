@@ -133,6 +133,7 @@ where
             phase: self.shared.ctl.borrow().phase(),
             epoch: self.shared.epoch,
             sequence: Sequence(self.shared.metrics.sequence.load(Ordering::Relaxed)),
+            protocol: dory_core::CONTROL_PROTOCOL,
         }
     }
 

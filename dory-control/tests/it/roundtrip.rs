@@ -84,7 +84,7 @@ async fn probes_and_metrics_need_no_token() {
     let value: serde_json::Value = serde_json::from_str(&health.body).unwrap();
     assert_eq!(
         value,
-        serde_json::json!({"phase": {"phase": "running"}, "epoch": 1, "sequence": 7})
+        serde_json::json!({"phase": {"phase": "running"}, "epoch": 1, "sequence": 7, "protocol": 1})
     );
 
     let ready = raw_get(address, "GET", "/readyz", "").await;

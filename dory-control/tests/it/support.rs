@@ -108,6 +108,7 @@ impl InstanceEndpoint for Fake {
             phase: st.phase.clone(),
             epoch: self.epoch,
             sequence: Sequence(st.counter),
+            protocol: dory_core::CONTROL_PROTOCOL,
         }
     }
 

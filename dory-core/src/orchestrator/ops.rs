@@ -541,13 +541,26 @@ impl Op {
         }
         // A replacement whose move committed while it loaded (or whose orchestrator died
         // between the two) is told what was committed, and restores it if it holds another.
+        // An instance on a runtime before that protocol was never loaded while committing:
+        // what it holds is what its move committed.
+        // An instance that cannot be asked is not resumed: a plain resume could run a stale
+        // standby.
         match row.and_then(|r| r.committed) {
-            Some((epoch, sequence)) if epoch == instance.epoch => {
+            Some((epoch, sequence))
+                if epoch == instance.epoch && self.speaks_resume_committed(instance).await? =>
+            {
                 self.call(what, self.ctl().resume_committed(instance, sequence))
                     .await
             }
             _ => self.call(what, self.ctl().resume(instance)).await,
         }
+    }
+
+    /// Whether `instance` says it speaks the protocol of
+    /// [`InstanceControl::resume_committed`](crate::InstanceControl::resume_committed).
+    async fn speaks_resume_committed(&self, instance: &Instance) -> Result<bool> {
+        let health = self.call("health", self.ctl().health(instance)).await?;
+        Ok(health.protocol >= 1)
     }
 }
 
@@ -625,6 +638,9 @@ struct MoveOp<'a> {
     snapshot: Option<Vec<u8>>,
     /// The committed snapshot's sequence, once committed.
     committed: Option<Sequence>,
+    /// Whether the replacement's runtime takes a resume naming the committed sequence (asked
+    /// before the freeze); only then may its load run beside the commit.
+    replacement_resumes_committed: bool,
     frozen_at: Option<crate::model::Timestamp>,
     pause_ms: u64,
 }
@@ -641,6 +657,7 @@ impl<'a> MoveOp<'a> {
             replacement: None,
             snapshot: None,
             committed: None,
+            replacement_resumes_committed: false,
             frozen_at: None,
             pause_ms: 0,
         }
@@ -715,6 +732,13 @@ impl<'a> MoveOp<'a> {
                 MoveStep::PreCopy
             }
             MoveStep::PreCopy => {
+                // Unanswered, the replacement is loaded before the commit, as an old one is.
+                if let Ok(replacement) = self.replacement() {
+                    self.replacement_resumes_committed = op
+                        .speaks_resume_committed(replacement)
+                        .await
+                        .unwrap_or(false);
+                }
                 self.precopy().await;
                 MoveStep::Freeze
             }
@@ -759,8 +783,10 @@ impl<'a> MoveOp<'a> {
             MoveStep::Resume => {
                 let replacement = self.replacement()?;
                 let resumed = match self.committed {
-                    Some(sequence) => op.ctl().resume_committed(replacement, sequence),
-                    None => op.ctl().resume(replacement),
+                    Some(sequence) if self.replacement_resumes_committed => {
+                        op.ctl().resume_committed(replacement, sequence)
+                    }
+                    _ => op.ctl().resume(replacement),
                 };
                 op.call("resume replacement", resumed).await?;
                 if let Some(frozen_at) = self.frozen_at {
@@ -783,10 +809,13 @@ impl<'a> MoveOp<'a> {
     /// the replacement mends at the resume by restoring the committed snapshot from the store
     /// ([`InstanceControl::resume_committed`](crate::InstanceControl::resume_committed)). A
     /// new revision may fail to decode the state, and that must roll the move back with the
-    /// old instance running, so it loads before the commit.
+    /// old instance running, so it loads before the commit. And only when the replacement
+    /// speaks that protocol ([`CONTROL_PROTOCOL`](crate::CONTROL_PROTOCOL) 1): an older runtime
+    /// would resume with whatever it holds.
     fn overlaps(&self) -> bool {
         self.fault() == PlantedFault::None
             && self.op.inner.settings.load_while_committing
+            && self.replacement_resumes_committed
             && self
                 .replacement
                 .as_ref()

@@ -144,6 +144,7 @@ impl InstanceEndpoint for Endpoint {
             phase: self.phase.lock().unwrap().clone(),
             epoch: self.epoch,
             sequence: Sequence(0),
+            protocol: dory_core::CONTROL_PROTOCOL,
         }
     }
     fn ready(&self) -> Result<()> {

@@ -235,6 +235,7 @@ impl Responder {
                     phase: shared.lock().unwrap().clone(),
                     epoch: Epoch(epoch),
                     sequence: Sequence(0),
+                    protocol: dory_core::CONTROL_PROTOCOL,
                 };
                 tokio::spawn(async move {
                     let mut request = Vec::new();

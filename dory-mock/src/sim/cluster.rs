@@ -193,6 +193,9 @@ struct SimInstance {
     delta_commit_refused: bool,
     /// Checkpoints stored, counted for pruning.
     checkpoints: u64,
+    /// Restoring the committed snapshot a resume named: another resume waits for it, as the
+    /// runtime's run loop takes one resume at a time.
+    restoring: bool,
 }
 
 impl SimInstance {
@@ -550,7 +553,7 @@ impl SimCluster {
         }
     }
 
-    /// Makes the next `n` control calls (pre-copy, freeze, fetch, load, resume) fail.
+    /// Makes the next `n` control calls (health, pre-copy, freeze, fetch, load, resume) fail.
     pub fn fail_control_calls(&self, n: u32) {
         let mut st = self.lock();
         st.failing_control_calls += n;
@@ -849,6 +852,10 @@ impl SimCluster {
         let Some(inst) = st.instances.get_mut(key) else {
             return;
         };
+        if !matches!(inst.record.phase, Phase::Starting | Phase::Standby) {
+            // It ran meanwhile (or ended): a restore never rewinds a running state.
+            return;
+        }
         match renewed {
             Ok(expiry) => {
                 inst.state = state;
@@ -1057,6 +1064,7 @@ impl Placement for SimCluster {
                 delta_taken_by: None,
                 delta_commit_refused: false,
                 checkpoints: 0,
+                restoring: false,
             },
         );
         self.note(
@@ -1139,6 +1147,7 @@ impl InstanceControl for SimCluster {
                 phase: i.record.phase.clone(),
                 epoch: i.record.epoch,
                 sequence: Sequence(i.state.seq),
+                protocol: dory_core::CONTROL_PROTOCOL,
             })
         })
     }
@@ -1451,6 +1460,10 @@ impl InstanceControl for SimCluster {
         let now = self.clock.now();
         let lease = self.timing.lease;
         let resumed = self.with_instance(instance, |i| match i.record.phase {
+            _ if i.restoring => Err(Error::unavailable(format!(
+                "instance {} of {} is restoring the committed snapshot",
+                i.record.epoch, i.record.processor
+            ))),
             Phase::Running => Ok(None),
             Phase::Standby if !i.loaded => Err(Error::conflict(format!(
                 "instance {} of {} has no state loaded",
@@ -1506,15 +1519,28 @@ impl InstanceControl for SimCluster {
         // As the runtime: a standby holding another state than the committed one (a
         // pre-copy's base, or nothing: the load lost its race with the commit, or the
         // orchestrator died between them) restores the committed one from the store.
+        self.control_call(instance, None).await?;
+        // Decided on arrival, as the runtime's run loop does when it takes the resume.
         let stale = self.with_instance(instance, |i| {
-            Ok(i.record.phase == Phase::Standby
+            if i.restoring {
+                return Err(Error::unavailable(format!(
+                    "instance {} of {} is restoring the committed snapshot",
+                    i.record.epoch, i.record.processor
+                )));
+            }
+            let stale = i.record.phase == Phase::Standby
                 && !i.fenced
-                && (!i.loaded || i.state.seq != committed.0))
+                && (!i.loaded || i.state.seq != committed.0);
+            if stale {
+                i.restoring = true;
+                i.loaded = false;
+                i.loaded_full = None;
+            }
+            Ok(stale)
         })?;
         if !stale {
             return self.resume(instance).await;
         }
-        self.control_call(instance, None).await?;
         let key = (instance.processor.clone(), instance.epoch);
         let cut_off = {
             let mut st = self.lock();
@@ -1527,12 +1553,11 @@ impl InstanceControl for SimCluster {
             );
             !Self::reachable(&st, &instance.node)
         };
-        self.with_instance(instance, |i| {
-            i.loaded_full = None;
-            Ok(())
-        })?;
         self.restore(&key, cut_off, self.clock.now()).await;
-        let running = self.with_instance(instance, |i| Ok(i.record.phase == Phase::Running))?;
+        let running = self.with_instance(instance, |i| {
+            i.restoring = false;
+            Ok(i.record.phase == Phase::Running)
+        })?;
         if !running {
             return Err(Error::unavailable(format!(
                 "instance {} of {} could not restore the committed snapshot yet",

@@ -218,9 +218,10 @@ async fn a_failed_freeze_rolls_back_then_the_move_is_retried() {
     let mut events = handle.events();
     world.run_for(Duration::from_secs(2)).await;
     let node = world.cluster.instance_records()[0].node.clone();
-    // The move's first control calls are the pre-copy (whose failure only skips it) and the
-    // freeze of the old instance.
-    world.cluster.fail_control_calls(2);
+    // The move's first control calls are the replacement's health (whose failure only keeps
+    // the load before the commit), the pre-copy (whose failure only skips it) and the freeze
+    // of the old instance.
+    world.cluster.fail_control_calls(3);
     world.cluster.drain(&node);
     world.run_for(Duration::from_secs(6)).await;
     world.assert_converged(1, "after the retried move");
@@ -290,12 +291,27 @@ struct LostLoads {
     cluster: Arc<SimCluster>,
     frozen: std::sync::atomic::AtomicBool,
     lost: std::sync::atomic::AtomicU32,
+    /// The control protocol the instances say they speak.
+    protocol: u32,
+}
+
+impl LostLoads {
+    fn new(world: &World, protocol: u32) -> Arc<LostLoads> {
+        Arc::new(LostLoads {
+            cluster: world.cluster.clone(),
+            frozen: Default::default(),
+            lost: Default::default(),
+            protocol,
+        })
+    }
 }
 
 #[async_trait::async_trait]
 impl InstanceControl for LostLoads {
     async fn health(&self, instance: &Instance) -> dory_core::Result<Health> {
-        self.cluster.health(instance).await
+        let mut health = self.cluster.health(instance).await?;
+        health.protocol = self.protocol;
+        Ok(health)
     }
     async fn freeze(
         &self,
@@ -340,11 +356,7 @@ impl InstanceControl for LostLoads {
 #[tokio::test(start_paused = true)]
 async fn a_load_lost_while_the_move_commits_is_mended_from_the_store() {
     let world = World::new(1);
-    let control = Arc::new(LostLoads {
-        cluster: world.cluster.clone(),
-        frozen: Default::default(),
-        lost: Default::default(),
-    });
+    let control = LostLoads::new(&world, dory_core::CONTROL_PROTOCOL);
     let (_leader, handle, _task) = world.start_with(control.clone());
     let mut events = handle.events();
     world.run_for(Duration::from_secs(2)).await;
@@ -376,5 +388,51 @@ async fn a_load_lost_while_the_move_commits_is_mended_from_the_store() {
             .iter()
             .any(|line| line.contains("restoring committed")),
         "the replacement did not restore the committed snapshot"
+    );
+}
+
+/// A replacement whose runtime predates the protocol (its health names none) would resume
+/// with what it holds, so its move loads before it commits: the lost load rolls the move back
+/// with the old instance running, and nothing restores from the store.
+#[tokio::test(start_paused = true)]
+async fn a_replacement_on_an_older_runtime_is_loaded_before_the_commit() {
+    let world = World::new(1);
+    let control = LostLoads::new(&world, 0);
+    let (_leader, handle, _task) = world.start_with(control.clone());
+    let mut events = handle.events();
+    world.run_for(Duration::from_secs(2)).await;
+    world.assert_converged(1, "before the drain");
+    let owner = world.cluster.instance_records()[0].clone();
+    world.cluster.drain(&owner.node);
+    world.run_for(Duration::from_secs(4)).await;
+    // Every load is lost, so every move rolls back (and the drain tries again): the old
+    // instance still owns the processor, and nothing broke an invariant.
+    let p = ProcessorId::new("p0").unwrap();
+    let first = owner.epoch;
+    assert_eq!(
+        world.store.ownership_now(&p).and_then(|o| o.owner),
+        Some(first)
+    );
+    let violations = world.cluster.violations();
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert!(control.lost.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let kinds = kinds(&mut events);
+    assert!(
+        kinds
+            .iter()
+            .any(|k| matches!(k, EventKind::RolledBack { .. })),
+        "{kinds:?}"
+    );
+    assert!(
+        !kinds.iter().any(|k| matches!(k, EventKind::Moved { .. })),
+        "{kinds:?}"
+    );
+    assert!(
+        !world
+            .cluster
+            .drain_trace()
+            .iter()
+            .any(|line| line.contains("restoring committed")),
+        "a replacement restored from the store"
     );
 }

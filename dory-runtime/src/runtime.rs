@@ -658,18 +658,17 @@ impl<P: Processor> RunLoop<P> {
         let standby_body = self.standby_body.close();
         self.recycle(standby_body);
         match (envelope, committed) {
-            (Some(envelope), Some(committed)) if envelope.version != committed.0 => {
-                // A pre-copy's base, or a load that lost its race with the commit: never run
-                // from a state that is not the committed one.
-                tracing::warn!(target: "dory::runtime", loaded = envelope.version, committed = committed.0, "the loaded snapshot is not the committed one; restoring that from the store");
-                return self.restore_committed(committed).await;
-            }
-            (None, Some(committed)) => {
-                tracing::warn!(target: "dory::runtime", committed = committed.0, "resumed with no snapshot loaded; restoring the committed one from the store");
+            (envelope, Some(committed))
+                if envelope.as_ref().is_none_or(|e| e.version != committed.0) =>
+            {
+                // Nothing loaded, a pre-copy's base, or a load that lost its race with the
+                // commit: never run from a state that is not the committed one.
+                let loaded = envelope.map(|e| e.version);
+                tracing::warn!(target: "dory::runtime", ?loaded, committed = committed.0, "the loaded snapshot is not the committed one; restoring that from the store");
                 return self.restore_committed(committed).await;
             }
             (Some(envelope), _) => self.adopt(envelope),
-            (None, None) => {}
+            (None, _) => {}
         }
         let loaded_delta = shared
             .ctl

@@ -732,8 +732,11 @@ impl<'a> MoveOp<'a> {
                 MoveStep::PreCopy
             }
             MoveStep::PreCopy => {
-                // Unanswered, the replacement is loaded before the commit, as an old one is.
-                if let Ok(replacement) = self.replacement() {
+                // Asked only when the answer can matter; unanswered, the replacement is loaded
+                // before the commit, as an old one is.
+                if self.may_overlap()
+                    && let Ok(replacement) = self.replacement()
+                {
                     self.replacement_resumes_committed = op
                         .speaks_resume_committed(replacement)
                         .await
@@ -813,9 +816,14 @@ impl<'a> MoveOp<'a> {
     /// speaks that protocol ([`CONTROL_PROTOCOL`](crate::CONTROL_PROTOCOL) 1): an older runtime
     /// would resume with whatever it holds.
     fn overlaps(&self) -> bool {
+        self.may_overlap() && self.replacement_resumes_committed
+    }
+
+    /// [`overlaps`](Self::overlaps) but for the replacement's protocol, which is asked only
+    /// when this holds.
+    fn may_overlap(&self) -> bool {
         self.fault() == PlantedFault::None
             && self.op.inner.settings.load_while_committing
-            && self.replacement_resumes_committed
             && self
                 .replacement
                 .as_ref()
